@@ -1,0 +1,151 @@
+"""The one interface every vision encoder adapter implements.
+
+An adapter wraps a vision backbone (InternViT, transformers' Swin / Swin V2, the in-house Swin V2)
+and declares, before any forward pass, everything the rest of the project needs: output width,
+token grid for an input size, preprocessing, per-stage features, parameter groups for unfreezing
+(exact module sets) and LoRA target names.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class EncoderUnavailableError(RuntimeError):
+    """The encoder could not be built (missing or unreadable weights, bad config, import error).
+
+    This is the only error that may trigger `model.vision.fallback`. Shape and dimension
+    mismatches raise other errors and never fall back.
+    """
+
+
+@dataclass(frozen=True)
+class ImagePreprocessing:
+    """How images must be prepared for an encoder.
+
+    Attributes:
+        size: target (height, width) in pixels.
+        mean: per-channel RGB mean, applied after scaling pixels to [0, 1].
+        std: per-channel RGB std.
+        resize: "pad" keeps the aspect ratio and pads to `size` (tall receipts are not squashed);
+            "resize" stretches to `size`.
+        pad_value: RGB fill (0-255) for the padded border.
+    """
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "pad"
+    pad_value: tuple[int, int, int] = (255, 255, 255)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize, "pad_value": list(self.pad_value)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ImagePreprocessing":
+        return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                   resize=d.get("resize", "pad"), pad_value=tuple(d.get("pad_value", (255, 255, 255))))
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One stage of an encoder: output channels and stride (input pixels per token side)."""
+
+    channels: int
+    stride: int
+
+
+@dataclass
+class EncoderOutput:
+    """Output of `VisionEncoder.forward`.
+
+    Attributes:
+        tokens: final tokens, (B, N, C) with N = h * w, row-major over the grid.
+        grid: (h, w) of `tokens`.
+        stages: per-stage tokens [(B, N_i, C_i)] and grids [(h_i, w_i)] for hierarchical features,
+            indexed like `feature_info`; the last entry is the final stage before any final norm.
+    """
+
+    tokens: torch.Tensor
+    grid: tuple[int, int]
+    stages: list[torch.Tensor] = field(default_factory=list)
+    stage_grids: list[tuple[int, int]] = field(default_factory=list)
+
+
+class VisionEncoder(nn.Module, abc.ABC):
+    """Abstract adapter. Subclasses register with `models.encoders.registry.register_encoder`.
+
+    Modules never freeze themselves and never run under `torch.no_grad()`: trainability is decided
+    once, outside, by the training policy through `parameter_groups()`.
+    """
+
+    name: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
+              **kwargs: Any) -> "VisionEncoder":
+        """Build from a local folder / hub id (`checkpoint`) or at random from a config.
+
+        Raises:
+            EncoderUnavailableError: weights missing or unreadable, bad config, import error.
+        """
+
+    @classmethod
+    @abc.abstractmethod
+    def from_config_dict(cls, hf_config: dict[str, Any], image_size: tuple[int, int]) -> "VisionEncoder":
+        """Rebuild the architecture (random weights) from `hf_config_dict()`, for whole-model loading."""
+
+    @abc.abstractmethod
+    def hf_config_dict(self) -> dict[str, Any]:
+        """The backbone's full config as a JSON-serialisable dict."""
+
+    @property
+    @abc.abstractmethod
+    def feature_info(self) -> list[FeatureInfo]:
+        """Channels and stride of every stage, known before any forward."""
+
+    @property
+    def out_channels(self) -> int:
+        """Width C of `EncoderOutput.tokens`."""
+        return self.feature_info[-1].channels
+
+    @abc.abstractmethod
+    def grid_size(self, image_size: tuple[int, int], stage: int = -1) -> tuple[int, int]:
+        """Token grid (h, w) of `stage` for an input of (height, width) pixels."""
+
+    def num_tokens(self, image_size: tuple[int, int], stage: int = -1) -> int:
+        h, w = self.grid_size(image_size, stage)
+        return h * w
+
+    @property
+    @abc.abstractmethod
+    def preprocessing(self) -> ImagePreprocessing:
+        """Size, mean and std this encoder expects."""
+
+    @abc.abstractmethod
+    def parameter_groups(self) -> dict[str, list[nn.Module]]:
+        """Named groups of modules for unfreezing: exact module sets, never substring matches.
+
+        Always contains "all"; hierarchical encoders give "embeddings", "stage.<i>", "last_stage" and
+        "final_norm" (when the backbone has one).
+        """
+
+    @property
+    @abc.abstractmethod
+    def lora_target_modules(self) -> list[str]:
+        """Names of the Linear modules LoRA may adapt (peft `target_modules` names)."""
+
+    @abc.abstractmethod
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        """Encode (B, 3, H, W) images into tokens; see `EncoderOutput`."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in the backbone's blocks."""
+        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")
