@@ -69,7 +69,7 @@ class EncoderOutput:
         tokens: final tokens, (B, N, C) with N = h * w, row-major over the grid.
         grid: (h, w) of `tokens`.
         stages: per-stage tokens [(B, N_i, C_i)] and grids [(h_i, w_i)] for hierarchical features,
-            indexed like `feature_info`; the last entry is the final stage before any final norm.
+            indexed like `feature_info`; the last entry is `tokens` (after the final norm).
     """
 
     tokens: torch.Tensor
@@ -90,8 +90,14 @@ class VisionEncoder(nn.Module, abc.ABC):
     @classmethod
     @abc.abstractmethod
     def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
-              **kwargs: Any) -> "VisionEncoder":
+              resize: str = "pad", **kwargs: Any) -> "VisionEncoder":
         """Build from a local folder / hub id (`checkpoint`) or at random from a config.
+
+        Args:
+            checkpoint: local folder in Hugging Face format or hub id; None for random init.
+            config_overrides: backbone config fields (the whole config for random init).
+            image_size: (height, width) the encoder will be fed.
+            resize: "pad" or "resize", recorded in `preprocessing`.
 
         Raises:
             EncoderUnavailableError: weights missing or unreadable, bad config, import error.
@@ -99,7 +105,7 @@ class VisionEncoder(nn.Module, abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def from_config_dict(cls, hf_config: dict[str, Any], image_size: tuple[int, int]) -> "VisionEncoder":
+    def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "VisionEncoder":
         """Rebuild the architecture (random weights) from `hf_config_dict()`, for whole-model loading."""
 
     @abc.abstractmethod
@@ -139,6 +145,11 @@ class VisionEncoder(nn.Module, abc.ABC):
 
     @property
     @abc.abstractmethod
+    def depth_groups(self) -> list[str]:
+        """Group names ordered from input to output (for layer-wise LR decay), e.g. embeddings, stage.0..3."""
+
+    @property
+    @abc.abstractmethod
     def lora_target_modules(self) -> list[str]:
         """Names of the Linear modules LoRA may adapt (peft `target_modules` names)."""
 
@@ -146,6 +157,6 @@ class VisionEncoder(nn.Module, abc.ABC):
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
         """Encode (B, 3, H, W) images into tokens; see `EncoderOutput`."""
 
+    @abc.abstractmethod
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Trade compute for memory in the backbone's blocks."""
-        raise NotImplementedError(f"{type(self).__name__} does not support gradient checkpointing")

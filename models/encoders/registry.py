@@ -1,0 +1,43 @@
+"""The one place that maps an encoder name to its adapter class.
+
+Adapters are imported lazily, so a missing optional dependency of one encoder is reported as
+`EncoderUnavailableError` for that encoder (and can trigger the configured fallback) instead of
+breaking every import.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from models.encoders.base import EncoderUnavailableError, VisionEncoder
+
+ENCODERS: dict[str, str] = {
+    "internvit": "models.encoders.internvit:InternViTEncoder",
+    "swin": "models.encoders.swin:SwinEncoder",
+    "swinv2": "models.encoders.swin:Swinv2Encoder",
+}
+
+
+def encoder_names() -> list[str]:
+    """Every registered encoder name."""
+    return list(ENCODERS)
+
+
+def get_encoder_class(name: str) -> type[VisionEncoder]:
+    """Resolve a registry name to its adapter class.
+
+    Raises:
+        ValueError: `name` is not registered (the message lists the valid names).
+        EncoderUnavailableError: the adapter's module cannot be imported.
+    """
+    if name not in ENCODERS:
+        raise ValueError(f"unknown vision encoder {name!r}; valid names: {', '.join(ENCODERS)}")
+    module_name, class_name = ENCODERS[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise EncoderUnavailableError(f"cannot import the {name!r} encoder ({module_name}): {e}") from e
+    cls = getattr(module, class_name)
+    if cls.name != name:
+        raise RuntimeError(f"registry entry {name!r} points at {cls.__name__} whose name is {cls.name!r}")
+    return cls

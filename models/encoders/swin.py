@@ -1,0 +1,127 @@
+"""Adapters `swin` and `swinv2`: transformers' SwinModel and Swinv2Model behind `VisionEncoder`.
+
+Stage convention (timm's): stage i is the patch merging that feeds it (in transformers it lives at
+the end of stage i-1) followed by its blocks, so "last_stage" unfreezes the merging into the last
+stage too. Tokens of every stage are taken before that stage's downsampling, at its own resolution.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel, SwinConfig, SwinModel, Swinv2Config, Swinv2Model
+
+from models.encoders.base import (EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing,
+                                  VisionEncoder)
+from models.encoders.hf_loading import make_config, read_config_dict, read_image_stats
+
+
+class _HFSwinFamilyEncoder(VisionEncoder):
+    """Shared adapter for the transformers Swin family (same module layout in v1 and v2)."""
+
+    config_class: ClassVar[type[PretrainedConfig]]
+    model_class: ClassVar[type[PreTrainedModel]]
+    model_types: ClassVar[tuple[str, ...]]
+
+    def __init__(self, backbone: PreTrainedModel, preprocessing: ImagePreprocessing) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._preprocessing = preprocessing
+
+    @classmethod
+    def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
+              resize: str = "pad", **kwargs: Any) -> "_HFSwinFamilyEncoder":
+        mean, std = read_image_stats(checkpoint)
+        preprocessing = ImagePreprocessing(size=tuple(image_size), mean=mean, std=std, resize=resize)
+        if checkpoint is None:
+            config = make_config(cls.config_class, config_overrides, cls.name)
+            return cls(cls.model_class(config, add_pooling_layer=False), preprocessing)
+        config_dict = read_config_dict(checkpoint, cls.model_types, cls.name)
+        fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
+        config = make_config(cls.config_class, {**fields, **config_overrides}, cls.name)
+        try:
+            backbone = cls.model_class.from_pretrained(checkpoint, config=config, add_pooling_layer=False)
+        except OSError as e:  # config present but weights missing or unreadable
+            raise EncoderUnavailableError(f"encoder {cls.name!r}: cannot load weights from {checkpoint}: {e}") from e
+        return cls(backbone, preprocessing)
+
+    @classmethod
+    def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "_HFSwinFamilyEncoder":
+        return cls(cls.model_class(cls.config_class.from_dict(hf_config), add_pooling_layer=False), preprocessing)
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        return self.backbone.config.to_dict()
+
+    @property
+    def feature_info(self) -> list[FeatureInfo]:
+        cfg = self.backbone.config
+        patch = _pair(cfg.patch_size)[0]
+        return [FeatureInfo(channels=int(cfg.embed_dim * 2**i), stride=patch * 2**i) for i in range(len(cfg.depths))]
+
+    def grid_size(self, image_size: tuple[int, int], stage: int = -1) -> tuple[int, int]:
+        ph, pw = _pair(self.backbone.config.patch_size)
+        h, w = math.ceil(image_size[0] / ph), math.ceil(image_size[1] / pw)  # the stem pads to the patch
+        for _ in range(stage % len(self.feature_info)):
+            h, w = (h + 1) // 2, (w + 1) // 2  # patch merging pads odd sizes
+        return h, w
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return self._preprocessing
+
+    def parameter_groups(self) -> dict[str, list[nn.Module]]:
+        layers = self.backbone.encoder.layers
+        groups: dict[str, list[nn.Module]] = {"embeddings": [self.backbone.embeddings]}
+        for i, layer in enumerate(layers):
+            merge_in = [layers[i - 1].downsample] if i > 0 else []
+            groups[f"stage.{i}"] = merge_in + [layer.blocks]
+        groups["last_stage"] = groups[f"stage.{len(layers) - 1}"]
+        groups["final_norm"] = [self.backbone.layernorm]
+        groups["all"] = [self.backbone]
+        return groups
+
+    @property
+    def depth_groups(self) -> list[str]:
+        return ["embeddings"] + [f"stage.{i}" for i in range(len(self.backbone.encoder.layers))]
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return ["query", "key", "value", "attention.output.dense"]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.backbone.gradient_checkpointing_enable()
+        else:
+            self.backbone.gradient_checkpointing_disable()
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        """(B, 3, H, W) -> tokens (B, h*w, C) after the final norm, plus every stage's tokens."""
+        embeddings, dims = self.backbone.embeddings(pixel_values)
+        out = self.backbone.encoder(embeddings, dims, output_hidden_states=True,
+                                    output_hidden_states_before_downsampling=True)
+        maps = out.reshaped_hidden_states[1:]  # [(B, C_i, h_i, w_i)], the stem dropped
+        tokens = self.backbone.layernorm(out.last_hidden_state)  # (B, h*w, C)
+        stages = [m.flatten(2).transpose(1, 2) for m in maps[:-1]] + [tokens]
+        grids = [(m.shape[2], m.shape[3]) for m in maps]
+        return EncoderOutput(tokens=tokens, grid=grids[-1], stages=stages, stage_grids=grids)
+
+
+class SwinEncoder(_HFSwinFamilyEncoder):
+    name = "swin"
+    config_class = SwinConfig
+    model_class = SwinModel
+    model_types = ("swin",)
+
+
+class Swinv2Encoder(_HFSwinFamilyEncoder):
+    name = "swinv2"
+    config_class = Swinv2Config
+    model_class = Swinv2Model
+    model_types = ("swinv2",)
+
+
+def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
