@@ -1,0 +1,154 @@
+"""Safe image opening: every file becomes an RGB `PIL.Image`, or a `BadImageError` that says why.
+
+Public API:
+    BadImageError(path, reason)             -- `str(err)` is "PATH: reason"; `.path`, `.reason`.
+    DEFAULT_MAX_IMAGE_PIXELS: int           -- default pixel limit (config key `data.max_image_pixels`).
+    open_image(path, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Image.Image  (mode "RGB")
+    to_rgb(image, background=(255, 255, 255)) -> PIL.Image.Image
+
+`open_image` applies the EXIF orientation, converts every PIL mode (1, L, P, RGBA, LA, PA, CMYK,
+I;16, I, F, YCbCr, ...) to RGB with transparency composited on `background`, and refuses empty,
+truncated, non-image and oversized ("decompression bomb") files. The pixel limit is a parameter:
+nothing here changes `PIL.Image.MAX_IMAGE_PIXELS`. Pillow's own global check still runs inside
+`Image.open` (it errors above twice its global limit, about 179 MP by default), so a
+`max_image_pixels` above that ceiling also needs the application to raise the global itself.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+# 64 MP: above any document scan or phone photo in normal use (a 64 MP RGB bitmap is ~190 MB),
+# far below what exhausts memory in a data-loader worker.
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+
+WHITE = (255, 255, 255)
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be used, with the file and the reason.
+
+    Attributes:
+        path: the file as given.
+        reason: a short human-readable cause ("empty file", "truncated or corrupt: ...", ...).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __reduce__(self):  # keep both fields when sent back from a data-loader worker
+        return (type(self), (self.path, self.reason))
+
+
+def open_image(path: str | os.PathLike[str], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open, fully decode, EXIF-orient and convert an image file to RGB.
+
+    Args:
+        path: image file.
+        max_image_pixels: refuse images with more than this many pixels (checked from the header,
+            before decoding).
+
+    Returns:
+        A loaded image in mode "RGB", upright according to its EXIF orientation.
+
+    Raises:
+        BadImageError: missing, empty, not an image, truncated/corrupt, too large, or an
+            unconvertible mode; the message names the file.
+    """
+    path = Path(path)
+    _check_file(path)
+    image = _decode(path, max_image_pixels)
+    image = _exif_upright(image)
+    try:
+        return to_rgb(image)
+    except ValueError as exc:
+        raise BadImageError(path, f"cannot convert mode {image.mode!r} to RGB ({exc})") from exc
+
+
+def _check_file(path: Path) -> None:
+    """Refuse paths that are not non-empty regular files, with a precise reason."""
+    if not path.exists():
+        raise BadImageError(path, "file not found")
+    if not path.is_file():
+        raise BadImageError(path, "not a regular file")
+    if path.stat().st_size == 0:
+        raise BadImageError(path, "empty file")
+
+
+def _decode(path: Path, max_image_pixels: int) -> Image.Image:
+    """Read the header, check the size, then decode every pixel (so truncation shows up here)."""
+    try:
+        image = Image.open(path)
+    except Image.DecompressionBombError as exc:
+        raise BadImageError(path, f"decompression bomb refused ({exc})") from exc
+    except UnidentifiedImageError as exc:
+        raise BadImageError(path, "not an image (unrecognised or corrupt header)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadImageError(path, f"unreadable image header ({exc})") from exc
+    width, height = image.size
+    if width * height > max_image_pixels:
+        image.close()
+        raise BadImageError(path, f"decompression bomb refused: {width}x{height} = {width * height} pixels "
+                                  f"exceeds max_image_pixels={max_image_pixels}")
+    if width == 0 or height == 0:
+        raise BadImageError(path, f"zero-sized image ({width}x{height})")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise BadImageError(path, f"truncated or corrupt image data ({exc})") from exc
+    return image
+
+
+def _exif_upright(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag; a broken EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        # The pixels are fine and orientation is a hint: better a sideways image than none.
+        return image
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Convert any PIL mode to RGB.
+
+    Transparency (RGBA, LA, PA, P or L/RGB with a transparency key) is composited on `background`
+    rather than dropped, because dropped alpha often reveals black or garbage pixels. High bit-depth
+    modes are rescaled, not clipped: 16-bit data (I;16*, or I with values above 255) is divided by
+    256, float (F) data in [0, 1] is scaled by 255.
+
+    Raises:
+        ValueError: a mode Pillow cannot convert to RGB.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        return _high_depth_to_l(image).convert("RGB")
+    if image.mode == "CMYK":
+        return image.convert("RGB")
+    if _has_transparency(image):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, background)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def _high_depth_to_l(image: Image.Image) -> Image.Image:
+    """Map integer (16/32-bit) or float greyscale to 8-bit L."""
+    if image.mode == "F":
+        low, high = image.getextrema()
+        scale = 255.0 if 0.0 <= low and high <= 1.0 else 1.0
+        return image.point(lambda v: v * scale).convert("L")  # convert clips to 0..255
+    wide = image if image.mode == "I" else image.convert("I")
+    low, high = wide.getextrema()
+    scale = 1 / 256 if image.mode.startswith("I;16") or high > 255 else 1.0
+    return wide.point(lambda v: v * scale).convert("L")

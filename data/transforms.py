@@ -1,0 +1,155 @@
+"""Encoder-aware preprocessing and train-time augmentation, with PIL and torch only.
+
+Public API:
+    AugmentConfig(...)                                  -- strengths of the train-time augmentation.
+    resize_image(image, size, mode="pad", pad_value=(255, 255, 255)) -> PIL.Image.Image
+    to_tensor(image, mean, std) -> FloatTensor[3, H, W]
+    augment_image(image, generator=None, config=AugmentConfig(), fill=(255, 255, 255)) -> PIL.Image.Image
+    preprocess(image, preprocessing, augment=None, generator=None) -> FloatTensor[3, H, W]
+
+`preprocessing` is the encoder's `models.encoders.base.ImagePreprocessing`: the target (height,
+width) may be non-square; `resize="pad"` keeps the aspect ratio and pads with `pad_value` (a long
+receipt stays long), `resize="resize"` stretches. Pixel values follow the Hugging Face image
+processor convention (`do_rescale` by 1/255, then `do_normalize` with the encoder's mean and std,
+e.g. `transformers.image_utils.OPENAI_CLIP_MEAN`), resampling is bicubic as in most of them.
+
+Augmentation is deterministic for a given `torch.Generator` state: every random draw goes through it.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageEnhance, ImageFilter
+from transformers.image_utils import PILImageResampling
+
+from models.encoders.base import ImagePreprocessing
+
+WHITE = (255, 255, 255)
+RESAMPLE = PILImageResampling.BICUBIC
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Strengths of the train-time augmentation.
+
+    Kept mild on purpose: the label is a count, so a crop or rotation strong enough to push a receipt
+    out of the frame would change the right answer.
+
+    Attributes:
+        max_rotation: degrees, uniform in [-max_rotation, max_rotation].
+        min_crop: each side keeps a uniform fraction in [min_crop, 1] of its length.
+        brightness, contrast, saturation: factors uniform in [1 - x, 1 + x].
+        blur_prob, max_blur_radius: Gaussian blur with a radius uniform in (0, max_blur_radius].
+        jpeg_prob, jpeg_quality: JPEG re-encoding at a quality uniform in the (low, high) range.
+    """
+
+    max_rotation: float = 5.0
+    min_crop: float = 0.9
+    brightness: float = 0.25
+    contrast: float = 0.25
+    saturation: float = 0.25
+    blur_prob: float = 0.3
+    max_blur_radius: float = 1.2
+    jpeg_prob: float = 0.3
+    jpeg_quality: tuple[int, int] = (35, 90)
+
+
+def resize_image(image: Image.Image, size: tuple[int, int], mode: str = "pad",
+                 pad_value: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Resize an RGB image to `size` = (height, width).
+
+    Args:
+        mode: "pad" scales to fit inside `size` keeping the aspect ratio and centres the result on a
+            `pad_value` canvas; "resize" stretches to `size`.
+    """
+    height, width = size
+    if mode == "resize":
+        return image.resize((width, height), RESAMPLE)
+    if mode != "pad":
+        raise ValueError(f"resize mode must be 'pad' or 'resize', got {mode!r}")
+    scale = min(height / image.height, width / image.width)
+    new_w = max(1, min(width, round(image.width * scale)))
+    new_h = max(1, min(height, round(image.height * scale)))
+    canvas = Image.new("RGB", (width, height), tuple(pad_value))
+    canvas.paste(image.resize((new_w, new_h), RESAMPLE), ((width - new_w) // 2, (height - new_h) // 2))
+    return canvas
+
+
+def to_tensor(image: Image.Image, mean: tuple[float, float, float],
+              std: tuple[float, float, float]) -> torch.Tensor:
+    """RGB image -> normalised float tensor (3, H, W): (pixel / 255 - mean) / std."""
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    pixels = pixels.view(image.height, image.width, 3).permute(2, 0, 1).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (pixels - mean_t) / std_t
+
+
+def _uniform(generator: torch.Generator | None, low: float, high: float) -> float:
+    return low + (high - low) * torch.rand((), generator=generator).item()
+
+
+def augment_image(image: Image.Image, generator: torch.Generator | None = None,
+                  config: AugmentConfig = AugmentConfig(), fill: tuple[int, int, int] = WHITE) -> Image.Image:
+    """Random rotation, crop, colour jitter, blur and JPEG re-encoding of an RGB image.
+
+    Args:
+        generator: source of every random draw; the same generator state gives the same output.
+        fill: colour for the corners uncovered by rotation (the encoder's pad value).
+    """
+    angle = _uniform(generator, -config.max_rotation, config.max_rotation)
+    image = image.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=tuple(fill))
+    image = _random_crop(image, generator, config.min_crop)
+    image = _colour_jitter(image, generator, config)
+    if _uniform(generator, 0.0, 1.0) < config.blur_prob:
+        radius = _uniform(generator, 0.1, config.max_blur_radius)
+        image = image.filter(ImageFilter.GaussianBlur(radius))
+    if _uniform(generator, 0.0, 1.0) < config.jpeg_prob:
+        image = _jpeg_roundtrip(image, round(_uniform(generator, *config.jpeg_quality)))
+    return image
+
+
+def _random_crop(image: Image.Image, generator: torch.Generator | None, min_keep: float) -> Image.Image:
+    """Keep a random window of [min_keep, 1] of each side; also a mild random zoom once resized."""
+    keep_w = round(image.width * _uniform(generator, min_keep, 1.0))
+    keep_h = round(image.height * _uniform(generator, min_keep, 1.0))
+    left = round(_uniform(generator, 0.0, image.width - keep_w))
+    top = round(_uniform(generator, 0.0, image.height - keep_h))
+    return image.crop((left, top, left + keep_w, top + keep_h))
+
+
+def _colour_jitter(image: Image.Image, generator: torch.Generator | None, config: AugmentConfig) -> Image.Image:
+    for enhancer, strength in ((ImageEnhance.Brightness, config.brightness),
+                               (ImageEnhance.Contrast, config.contrast),
+                               (ImageEnhance.Color, config.saturation)):
+        image = enhancer(image).enhance(_uniform(generator, 1.0 - strength, 1.0 + strength))
+    return image
+
+
+def _jpeg_roundtrip(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def preprocess(image: Image.Image, preprocessing: ImagePreprocessing, augment: AugmentConfig | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Full pipeline for one RGB image: optional augmentation, resize/pad, normalise.
+
+    Args:
+        image: RGB image (see `data.images.open_image`).
+        preprocessing: the encoder's size, mean, std, resize mode and pad value.
+        augment: augmentation strengths for training; None (inference, evaluation) for none.
+        generator: random source for the augmentation.
+
+    Returns:
+        FloatTensor (3, H, W) with (H, W) = `preprocessing.size`.
+    """
+    if augment is not None:
+        image = augment_image(image, generator, augment, fill=preprocessing.pad_value)
+    image = resize_image(image, preprocessing.size, preprocessing.resize, preprocessing.pad_value)
+    return to_tensor(image, preprocessing.mean, preprocessing.std)
