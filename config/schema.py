@@ -34,7 +34,9 @@ class VisionConfig:
 class ProjectorConfig:
     """`model.projector`: encoder tokens -> LLM hidden size."""
 
-    pixel_shuffle: int = 1  # merge s x s neighbouring tokens (1 = off; internvit checkpoints use 2)
+    # merge s x s neighbouring tokens; None = the encoder's default (an InternVL2 checkpoint's own
+    # downsample ratio for internvit, whose projector weights are reused; 1 = off otherwise)
+    pixel_shuffle: int | None = None
     hidden_size: int | None = None  # MLP width; None = LLM hidden size (InternVL's form)
 
 
@@ -43,6 +45,7 @@ class LanguageConfig:
     """`model.language`: the InternVL2 checkpoint that provides the Qwen2 LLM and tokenizer."""
 
     checkpoint: str = "checkpoints/tiny/internvl2"
+    question: str = DEFAULT_QUESTION  # asked when a sample has no question of its own
     max_question_tokens: int = 32
     trust_remote_code: bool = False
     lora_targets: list[str] = field(
@@ -80,7 +83,6 @@ class DataConfig:
     num_workers: int = 0
     augment: bool = True
     on_bad_image: Literal["skip", "fail"] = "skip"
-    question: str = DEFAULT_QUESTION
     max_image_pixels: int = 64_000_000
 
 

@@ -7,6 +7,7 @@ shape mismatches while loading weights, propagates unchanged.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
@@ -21,6 +22,8 @@ Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
 def read_config_dict(checkpoint: str, expected_types: tuple[str, ...], encoder: str) -> dict[str, Any]:
     """The checkpoint's config.json as a dict, checked to describe one of `expected_types`."""
+    if looks_local(checkpoint) and not Path(checkpoint).is_dir():
+        raise EncoderUnavailableError(f"encoder {encoder!r}: checkpoint folder {checkpoint} does not exist")
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(checkpoint)
     except (OSError, ValueError) as e:  # missing folder/file, no network, malformed JSON
@@ -30,6 +33,11 @@ def read_config_dict(checkpoint: str, expected_types: tuple[str, ...], encoder: 
         raise EncoderUnavailableError(f"encoder {encoder!r}: {checkpoint}/config.json has model_type "
                                       f"{model_type!r}, expected one of {list(expected_types)}")
     return config_dict
+
+
+def looks_local(checkpoint: str) -> bool:
+    """A filesystem path rather than a hub id ("namespace/name")."""
+    return Path(checkpoint).exists() or checkpoint.startswith((".", "/", "~")) or checkpoint.count("/") > 1
 
 
 def read_image_stats(checkpoint: str | None) -> Stats:

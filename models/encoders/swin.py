@@ -43,7 +43,8 @@ class _HFSwinFamilyEncoder(VisionEncoder):
         fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
         config = make_config(cls.config_class, {**fields, **config_overrides}, cls.name)
         try:
-            backbone = cls.model_class.from_pretrained(checkpoint, config=config, add_pooling_layer=False)
+            backbone = cls.model_class.from_pretrained(checkpoint, config=config, add_pooling_layer=False,
+                                                        dtype=torch.float32)
         except OSError as e:  # config present but weights missing or unreadable
             raise EncoderUnavailableError(f"encoder {cls.name!r}: cannot load weights from {checkpoint}: {e}") from e
         return cls(backbone, preprocessing)

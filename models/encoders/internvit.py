@@ -1,0 +1,104 @@
+"""Adapter `internvit`: InternVL2's own vision tower (transformers' native `InternVLVisionModel`).
+
+Weights come from an InternVL2 checkpoint folder (model_type "internvl"; the ViT is its
+`vision_tower`), from a vision-only folder (model_type "internvl_vision"), or at random from an
+`InternVLVisionConfig`. The CLS token is dropped, as InternVL does ("default" feature selection).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import InternVLModel, InternVLVisionConfig, InternVLVisionModel
+
+from models.encoders.base import (EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing,
+                                  VisionEncoder)
+from models.encoders.hf_loading import make_config, read_config_dict, read_image_stats
+
+
+class InternViTEncoder(VisionEncoder):
+    name = "internvit"
+
+    def __init__(self, backbone: InternVLVisionModel, preprocessing: ImagePreprocessing) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._preprocessing = preprocessing
+
+    @classmethod
+    def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
+              resize: str = "pad", source_model: InternVLModel | None = None, **kwargs: Any) -> "InternViTEncoder":
+        """See `VisionEncoder.build`; `source_model` is an InternVLModel already loaded from `checkpoint`."""
+        mean, std = read_image_stats(checkpoint)
+        preprocessing = ImagePreprocessing(size=tuple(image_size), mean=mean, std=std, resize=resize)
+        if checkpoint is None:
+            config = make_config(InternVLVisionConfig, config_overrides, cls.name)
+            return cls(InternVLVisionModel(config), preprocessing)
+        if config_overrides:
+            raise EncoderUnavailableError(f"encoder 'internvit': config overrides {sorted(config_overrides)} "
+                                          f"cannot be applied to the pretrained tower in {checkpoint}")
+        if source_model is None:
+            model_type = read_config_dict(checkpoint, ("internvl", "internvl_vision"), cls.name)["model_type"]
+            source_model = _load(InternVLVisionModel if model_type == "internvl_vision" else InternVLModel,
+                                 checkpoint)
+        backbone = source_model.vision_tower if isinstance(source_model, InternVLModel) else source_model
+        return cls(backbone, preprocessing)
+
+    @classmethod
+    def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "InternViTEncoder":
+        return cls(InternVLVisionModel(InternVLVisionConfig.from_dict(hf_config)), preprocessing)
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        return self.backbone.config.to_dict()
+
+    @property
+    def feature_info(self) -> list[FeatureInfo]:
+        cfg = self.backbone.config
+        return [FeatureInfo(channels=cfg.hidden_size, stride=int(cfg.patch_size[0]))]
+
+    def grid_size(self, image_size: tuple[int, int], stage: int = -1) -> tuple[int, int]:
+        ph, pw = self.backbone.config.patch_size
+        return image_size[0] // ph, image_size[1] // pw  # a stride-p conv: the remainder is cut off
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return self._preprocessing
+
+    def parameter_groups(self) -> dict[str, list[nn.Module]]:
+        layers = self.backbone.encoder.layer
+        groups: dict[str, list[nn.Module]] = {"embeddings": [self.backbone.embeddings]}
+        groups.update({f"layer.{i}": [layer] for i, layer in enumerate(layers)})
+        groups["last_stage"] = [layers[-1]]
+        if not isinstance(self.backbone.layernorm, nn.Identity):  # mean-pooling towers have no final norm
+            groups["final_norm"] = [self.backbone.layernorm]
+        groups["all"] = [self.backbone]
+        return groups
+
+    @property
+    def depth_groups(self) -> list[str]:
+        return ["embeddings"] + [f"layer.{i}" for i in range(len(self.backbone.encoder.layer))]
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return ["q_proj", "k_proj", "v_proj", "projection_layer", "mlp.fc1", "mlp.fc2"]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.backbone.gradient_checkpointing_enable()
+        else:
+            self.backbone.gradient_checkpointing_disable()
+
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        """(B, 3, H, W) -> patch tokens (B, (H/p)*(W/p), C); the CLS token is dropped."""
+        hidden = self.backbone(pixel_values=pixel_values).last_hidden_state  # (B, 1 + h*w, C)
+        tokens = hidden[:, 1:]
+        grid = self.grid_size((pixel_values.shape[2], pixel_values.shape[3]))
+        return EncoderOutput(tokens=tokens, grid=grid, stages=[tokens], stage_grids=[grid])
+
+
+def _load(model_class: type, checkpoint: str) -> nn.Module:
+    try:
+        return model_class.from_pretrained(checkpoint, dtype=torch.float32)
+    except OSError as e:  # weights missing or unreadable
+        raise EncoderUnavailableError(f"encoder 'internvit': cannot load weights from {checkpoint}: {e}") from e

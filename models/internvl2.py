@@ -1,0 +1,221 @@
+"""InternVL2MultimodalModel: a swappable vision encoder, a projector, the InternVL2 LLM and gated
+cross-attention, classifying images by how many receipts they hold.
+
+Data flow (one forward pass):
+    pixel_values (B, 3, H, W) -> VisionEncoder -> stage tokens [(B, N_i, C_i)]
+        -> VisionProjector -> image tokens (B, N, D)
+    question ids (B, T) -> Qwen2 LLM -> text states (B, T, D)
+    text states (queries) x image tokens (keys/values) -> CrossAttentionFusion -> (B, T, D)
+        -> masked mean pooling -> head -> logits (B, num_classes)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import ModelOutput
+
+from config.loader import from_dict, to_dict
+from config.schema import ModelConfig
+from models.encoders import ImagePreprocessing, VisionEncoder, get_encoder_class
+from models.fusion import CrossAttentionFusion
+from models.language import load_tokenizer
+from models.projector import VisionProjector
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_NAME = "receipt-counter"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ReceiptCounterOutput(ModelOutput):
+    """loss: scalar when labels are given; logits: (B, num_classes)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class InternVL2MultimodalModel(nn.Module):
+    """The receipt counter. Build it with `models.build.build_model` or `from_pretrained`.
+
+    Args:
+        config: the resolved model config (encoder actually used, projector settings filled in).
+        vision: the vision encoder adapter.
+        language: the InternVL2 language model (Qwen2, without LM head); `hidden_size` sets D.
+        tokenizer: its tokenizer.
+    """
+
+    def __init__(self, config: ModelConfig, vision: VisionEncoder, language: PreTrainedModel,
+                 tokenizer: PreTrainedTokenizerBase) -> None:
+        super().__init__()
+        if len(config.class_names) != config.num_classes:
+            raise ValueError(f"model.class_names has {len(config.class_names)} names for "
+                             f"model.num_classes={config.num_classes}")
+        self.config = config
+        self.vision = vision
+        self.language = language
+        self.tokenizer = tokenizer
+        dim = language.config.hidden_size
+        self.projector = VisionProjector(_stage_channels(vision, config.vision.feature_stages),
+                                         config.vision.feature_stages, dim, config.projector.pixel_shuffle or 1,
+                                         config.projector.hidden_size)
+        f = config.fusion
+        self.fusion = CrossAttentionFusion(dim, f.num_blocks, f.num_heads, f.mlp_ratio, f.dropout)
+        self.head = nn.Sequential(nn.LayerNorm(dim), nn.Dropout(config.head_dropout), nn.Linear(dim, config.num_classes))
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.config.class_names)
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return self.vision.preprocessing
+
+    def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
+        """Image tokens the fusion attends to for an input of (height, width), default the configured size."""
+        size = image_size or self.preprocessing.size
+        grids = [self.vision.grid_size(size, i) for i in self.config.vision.feature_stages]
+        return self.projector.num_tokens(grids)
+
+    def tokenize(self, questions: list[str | None], device: torch.device | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Questions (None = the default question) -> input_ids, attention_mask, both (B, T)."""
+        texts = [q or self.config.language.question for q in questions]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.config.language.max_question_tokens,
+                             return_tensors="pt")
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> projected image tokens (B, N, D)."""
+        out = self.vision(pixel_values)
+        return self.projector(out.stages, out.stage_grids)
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
+                ) -> ReceiptCounterOutput:
+        """Classify images by receipt count.
+
+        Args:
+            pixel_values: (B, 3, H, W), normalised as `preprocessing` says.
+            input_ids: (B, T) question tokens; None asks the default question of every image.
+            attention_mask: (B, T), 1 for real tokens.
+            labels: (B,) class indices.
+
+        Returns:
+            `ReceiptCounterOutput` with logits (B, num_classes) and, given labels, the cross-entropy loss.
+        """
+        if input_ids is None:
+            input_ids, attention_mask = self.tokenize([None] * pixel_values.shape[0], pixel_values.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        image_tokens = self.encode_images(pixel_values)  # (B, N, D)
+        text = self.language(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        fused = self.fusion(text.to(image_tokens.dtype), image_tokens)  # (B, T, D)
+        mask = attention_mask.unsqueeze(-1).to(fused.dtype)  # (B, T, 1)
+        pooled = (fused * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, D)
+        logits = self.head(pooled)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return ReceiptCounterOutput(loss=loss, logits=logits)
+
+    def parameter_groups(self) -> dict[str, list[nn.Module]]:
+        """Named module sets for unfreezing: projector, fusion, head, language.all and vision.<group>."""
+        groups = {"projector": [self.projector], "fusion": [self.fusion], "head": [self.head],
+                  "language.all": [self.language]}
+        groups.update({f"vision.{name}": modules for name, modules in self.vision.parameter_groups().items()})
+        return groups
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write a self-describing folder: config.json, model.safetensors, tokenizer files.
+
+        The folder is written beside the target and renamed into place, so a crash never leaves a
+        half-written checkpoint under the final name.
+        """
+        target = Path(save_directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            (tmp / CONFIG_NAME).write_text(json.dumps(self._export_config(), indent=2))
+            safetensors.torch.save_model(self, str(tmp / WEIGHTS_NAME))
+            self.tokenizer.save_pretrained(tmp)
+            _replace_dir(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    def _export_config(self) -> dict[str, Any]:
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "encoder": self.vision.name,
+                "model": to_dict(self.config), "vision_backbone_config": self.vision.hf_config_dict(),
+                "text_config": self.language.config.to_dict(), "preprocessing": self.preprocessing.to_dict(),
+                "class_names": self.class_names}
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "InternVL2MultimodalModel":
+        """Rebuild from a `save_pretrained` folder alone (no other checkpoint, no network).
+
+        Raises:
+            FileNotFoundError: config.json, model.safetensors or the tokenizer is missing (named).
+            ValueError: the folder is not a receipt-counter export or its weights do not match.
+        """
+        folder = Path(folder)
+        exported = read_export_config(folder)
+        config = from_dict(ModelConfig, exported["model"], prefix="model")
+        vision = get_encoder_class(exported["encoder"]).from_config_dict(
+            exported["vision_backbone_config"], ImagePreprocessing.from_dict(exported["preprocessing"]))
+        text = dict(exported["text_config"])
+        language = AutoModel.from_config(AutoConfig.for_model(text.pop("model_type"), **text))
+        model = cls(config, vision, language, load_tokenizer(str(folder)))
+        try:
+            safetensors.torch.load_model(model, str(folder / WEIGHTS_NAME), strict=True)
+        except RuntimeError as e:
+            raise ValueError(f"{folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: {e}") from e
+        return model.eval()
+
+
+def read_export_config(folder: Path) -> dict[str, Any]:
+    """config.json of an exported folder, checked for format and for the weights file beside it."""
+    for name in (CONFIG_NAME, WEIGHTS_NAME, "tokenizer_config.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder / name} is missing: not a complete receipt-counter model folder")
+    try:
+        exported = json.loads((folder / CONFIG_NAME).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON: {e}") from e
+    if exported.get("format") != FORMAT_NAME:
+        raise ValueError(f"{folder / CONFIG_NAME} is not a receipt-counter export (format={exported.get('format')!r})")
+    return exported
+
+
+def _stage_channels(vision: VisionEncoder, stages: list[int]) -> list[int]:
+    info = vision.feature_info
+    bad = [s for s in stages if not -len(info) <= s < len(info)]
+    if bad or not stages:
+        raise ValueError(f"model.vision.feature_stages={stages}: encoder {vision.name!r} has {len(info)} stage(s)")
+    return [info[s].channels for s in stages]
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move `src` to `dst`, replacing an existing `dst` only once `src` is complete."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old)
+    else:
+        src.rename(dst)

@@ -1,0 +1,617 @@
+"""Swin Transformer V2 (arXiv 2111.09883) in plain PyTorch, weight-compatible with transformers' Swinv2Model.
+
+Reads top to bottom: pure helpers (window partition / reverse, log-spaced relative coordinates,
+shift-region mask, stochastic depth), then the modules (fused qkv projection, window attention,
+block, patch merging, stage, patch embedding) and finally the model.
+
+Layout conventions: feature maps travel between blocks as (B, H, W, C) ("NHWC"); windows as
+(B, nW, N, C) with nW windows per image and N = window * window tokens per window.
+
+Behaviour follows transformers' Swinv2Model exactly where the paper's reference implementations
+differ (see docs/swinv2.md):
+- the window size and shift of every stage are fixed at construction from `img_size`: a stage whose
+  configured feature-map height is <= the window uses a window equal to that height and no shift;
+- at run time, feature maps are zero-padded (bottom/right) to a multiple of the window, then rolled,
+  and cropped back afterwards, so any input size works;
+- the shift mask value is -200 (transformers adds its -100 mask twice; Microsoft, timm and
+  torchvision add -100 once). It is `SwinV2Config.shift_mask_value`.
+
+Attention runs through `F.scaled_dot_product_attention` with `scale=1.0`: q is L2-normalised and
+multiplied by the clamped, exponentiated per-head logit scale, k is L2-normalised, and the
+continuous position bias (16 * sigmoid(MLP(log-spaced coords))) plus the shift mask is the
+`attn_mask`. In inference (eval mode, and no gradient needed for the bias MLP), that mask is
+computed once per feature-map shape and cached; the cache is keyed by the bias weights' identity
+and version counters, so loading weights or any in-place update (optimizer step, `copy_`)
+invalidates it, and it is dropped on every `train()` / `eval()` switch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "SwinV2Config",
+    "SwinV2Output",
+    "SwinTransformerV2",
+    "window_partition",
+    "window_reverse",
+    "relative_coords_table",
+    "relative_position_index",
+    "shift_region_mask",
+    "stage_window_and_shift",
+]
+
+# Continuous position bias MLP width, fixed by the paper and every released checkpoint.
+CPB_HIDDEN = 512
+# Upper clamp of the learnable log logit scale: exp(scale) <= 1 / 0.01 = 100.
+LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
+# LayerNorms that transformers builds without `layer_norm_eps` (patch embedding, patch merging).
+DEFAULT_LN_EPS = 1e-5
+
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+}
+
+
+@dataclass(frozen=True)
+class SwinV2Config:
+    """Architecture of a Swin V2 backbone.
+
+    Attributes:
+        img_size: (height, width) the model is configured for; fixes each stage's window and shift
+            (as in transformers). Inputs of any size are accepted at run time.
+        patch_size: side of the square patches of the stem convolution.
+        in_chans: input image channels.
+        embed_dim: channels of stage 0; stage i has embed_dim * 2**i.
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        window_size: target attention window side.
+        pretrained_window_sizes: per stage, the window the bias MLP was trained with (0: same as
+            the window); rescales the log-spaced coordinates for window transfer.
+        mlp_ratio: MLP hidden width / channels.
+        qkv_bias: learn q and v biases (never a k bias).
+        hidden_act: MLP activation name.
+        drop_rate: dropout after the stem and after each MLP (transformers' hidden_dropout_prob).
+        attn_drop_rate: dropout on attention probabilities and after the attention projection
+            (transformers' attention_probs_dropout_prob, which it uses for both).
+        drop_path_rate: stochastic depth rate of the last block (linear from 0).
+        layer_norm_eps: eps of the block and final LayerNorms.
+        shift_mask_value: additive mask between tokens of different shift regions.
+    """
+
+    img_size: tuple[int, int] = (256, 256)
+    patch_size: int = 4
+    in_chans: int = 3
+    embed_dim: int = 96
+    depths: tuple[int, ...] = (2, 2, 6, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    window_size: int = 8
+    pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    hidden_act: str = "gelu"
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    layer_norm_eps: float = 1e-5
+    shift_mask_value: float = -200.0
+
+    def __post_init__(self) -> None:
+        n = len(self.depths)
+        if len(self.num_heads) != n or len(self.pretrained_window_sizes) != n:
+            raise ValueError(f"depths, num_heads and pretrained_window_sizes need one entry per stage; got "
+                             f"{self.depths}, {self.num_heads}, {self.pretrained_window_sizes}")
+        for i, heads in enumerate(self.num_heads):
+            if (self.embed_dim * 2**i) % heads:
+                raise ValueError(f"stage {i}: {self.embed_dim * 2**i} channels not divisible by {heads} heads")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"unknown hidden_act {self.hidden_act!r}; known: {sorted(_ACTIVATIONS)}")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.depths)
+
+    def stage_dim(self, stage: int) -> int:
+        return int(self.embed_dim * 2**stage)
+
+
+@dataclass
+class SwinV2Output:
+    """Output of `SwinTransformerV2.forward`.
+
+    Attributes:
+        last_hidden_state: (B, N, C) final-stage tokens after the final LayerNorm, row-major grid.
+        pooler_output: (B, C) mean of `last_hidden_state` over tokens.
+        stage_outputs: per stage, (B, N_i, C_i) tokens before downsampling (the last one before the
+            final norm), at the stage's own resolution.
+        stage_grids: per stage, its (h_i, w_i) token grid.
+    """
+
+    last_hidden_state: Tensor
+    pooler_output: Tensor
+    stage_outputs: list[Tensor] = field(default_factory=list)
+    stage_grids: list[tuple[int, int]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure helpers
+# ----------------------------------------------------------------------------------------------
+
+def window_partition(x: Tensor, window: int) -> Tensor:
+    """Split a feature map into non-overlapping windows.
+
+    Args:
+        x: (B, H, W, C) with H and W multiples of `window`.
+        window: window side.
+
+    Returns:
+        (B, nW, window * window, C), windows in row-major order over the (H/window, W/window) grid.
+    """
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c).transpose(2, 3)
+    return x.reshape(b, (h // window) * (w // window), window * window, c)
+
+
+def window_reverse(windows: Tensor, window: int, height: int, width: int) -> Tensor:
+    """Inverse of `window_partition`: (B, nW, window * window, C) -> (B, height, width, C)."""
+    b, _, _, c = windows.shape
+    x = windows.view(b, height // window, width // window, window, window, c).transpose(2, 3)
+    return x.reshape(b, height, width, c)
+
+
+def relative_coords_table(window: int, pretrained_window: int = 0) -> Tensor:
+    """Log-spaced relative coordinates fed to the continuous position bias MLP.
+
+    Offsets in [-(window-1), window-1] are normalised by (pretrained_window - 1) when a pretrained
+    window is given (so a larger window extrapolates the pretrained range), else by (window - 1),
+    scaled to [-8, 8] and mapped through sign(x) * log2(1 + |x|) / log2(8).
+
+    Returns:
+        (2 * window - 1, 2 * window - 1, 2) float32, last dim (dh, dw).
+    """
+    offsets = torch.arange(-(window - 1), window, dtype=torch.float32)
+    table = torch.stack(torch.meshgrid(offsets, offsets, indexing="ij"), dim=-1)
+    if pretrained_window > 0:
+        table = table / (pretrained_window - 1)
+    elif window > 1:
+        table = table / (window - 1)
+    table = table * 8
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / math.log2(8)
+
+
+def relative_position_index(window: int) -> Tensor:
+    """For every (query, key) pair of a window, the row of `relative_coords_table` (flattened).
+
+    Returns:
+        (window * window, window * window) int64.
+    """
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]) + (window - 1)  # (2, N, N), each in [0, 2w-2]
+    return rel[0] * (2 * window - 1) + rel[1]
+
+
+def shift_region_mask(height: int, width: int, window: int, shift: int, value: float,
+                      device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Additive mask that stops attention across the seams created by the cyclic shift.
+
+    Each axis of the (padded) map splits into [0, size-window), [size-window, size-shift) and
+    [size-shift, size); tokens of different (row region, column region) must not attend to each other.
+
+    Returns:
+        (nW, N, N) with 0 within a region and `value` across regions.
+    """
+    def regions(size: int) -> Tensor:
+        idx = torch.arange(size, device=device)
+        return (idx >= size - window).long() + (idx >= size - shift).long()
+
+    region = (regions(height)[:, None] * 3 + regions(width)[None, :]).view(1, height, width, 1)
+    region = window_partition(region, window)[0, :, :, 0]  # (nW, N)
+    different = region[:, None, :] != region[:, :, None]
+    return torch.zeros(different.shape, device=device, dtype=dtype).masked_fill_(different, value)
+
+
+def stage_window_and_shift(resolution: tuple[int, int], window: int) -> tuple[int, int]:
+    """Window and shift of a stage whose configured feature map is `resolution` (h, w).
+
+    transformers' rule (it looks at the height only): if h <= window the whole height becomes one
+    window and shifting is disabled; otherwise the window is kept and shifted blocks use window // 2.
+    """
+    height = resolution[0]
+    if height <= window:
+        return height, 0
+    return window, window // 2
+
+
+def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
+    """Stochastic depth: zero whole samples of a residual branch with probability `prob`."""
+    if prob == 0.0 or not training:
+        return x
+    keep = 1.0 - prob
+    mask = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+    return x.div(keep) * torch.floor(mask + keep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
+# ----------------------------------------------------------------------------------------------
+
+class DropPath(nn.Module):
+    """Module form of `drop_path` (per-sample stochastic depth)."""
+
+    def __init__(self, prob: float = 0.0) -> None:
+        super().__init__()
+        self.prob = prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        return drop_path(x, self.prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"prob={self.prob}"
+
+
+class QKVLinear(nn.Linear):
+    """One fused q/k/v projection (C -> 3C) with learnable q and v biases and no k bias.
+
+    A real `nn.Linear` subclass so that peft can wrap it as a LoRA target while the biases stay
+    fused into one GEMM (`F.linear` with the [q_bias, 0, v_bias] vector).
+    """
+
+    def __init__(self, dim: int, bias: bool = True) -> None:
+        super().__init__(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.v_bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(..., C) -> (..., 3C), channels ordered [q | k | v]."""
+        qkv_bias = None
+        if self.q_bias is not None:
+            qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
+        return F.linear(x, self.weight, qkv_bias)
+
+
+class WindowAttention(nn.Module):
+    """Scaled cosine window attention with a continuous relative position bias.
+
+    Args:
+        dim: channels C.
+        num_heads: heads h (head dim d = C / h).
+        window: window side (N = window**2 tokens per window).
+        pretrained_window: window the bias MLP was trained with (0: `window`).
+        qkv_bias: learn q and v biases.
+        attn_drop: dropout on attention probabilities.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int, pretrained_window: int = 0,
+                 qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window = window
+        self.attn_drop = attn_drop
+        self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, CPB_HIDDEN), nn.ReLU(inplace=True),
+                                     nn.Linear(CPB_HIDDEN, num_heads, bias=False))
+        self.qkv = QKVLinear(dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # Input-independent geometry; recomputed from the window, so never saved.
+        self.register_buffer("relative_coords_table", relative_coords_table(window, pretrained_window),
+                             persistent=False)
+        self.register_buffer("relative_position_index", relative_position_index(window), persistent=False)
+
+    def position_bias(self) -> Tensor:
+        """Continuous relative position bias, (h, N, N), in (0, 16)."""
+        table = self.cpb_mlp(self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype))  # (2w-1, 2w-1, h)
+        n = self.window * self.window
+        bias = table.view(-1, self.num_heads)[self.relative_position_index.view(-1)].view(n, n, -1)
+        return 16 * torch.sigmoid(bias.permute(2, 0, 1))
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        """Attend within windows.
+
+        Args:
+            x: (B, nW, N, C) windows.
+            attn_mask: additive mask broadcastable to (B, nW * h, N, N): (1, h, N, N) when all
+                windows share it (no shift) or (1, nW * h, N, N).
+
+        Returns:
+            (B, nW, N, C).
+        """
+        b, nw, n, c = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, h, N, d)
+        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (h, 1, 1)
+        q = F.normalize(q, dim=-1) * scale
+        k = F.normalize(k, dim=-1)
+        # Windows share the mask across the batch: fold them into the "heads" axis so the 4-D fused
+        # kernel broadcasts one mask over B instead of materialising B copies of it.
+        groups = h if attn_mask.shape[1] == h else nw * h
+        out = F.scaled_dot_product_attention(
+            q.reshape(-1, groups, n, c // h), k.reshape(-1, groups, n, c // h), v.reshape(-1, groups, n, c // h),
+            attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, scale=1.0)
+        out = out.view(b, nw, h, n, c // h).transpose(2, 3).reshape(b, nw, n, c)
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    """fc1 -> activation -> fc2 -> dropout, on (..., C)."""
+
+    def __init__(self, dim: int, hidden: int, act: str = "gelu", drop: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = _ACTIVATIONS[act]()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.act(self.fc1(x))))
+
+
+class SwinV2Block(nn.Module):
+    """Residual post-norm block: x + norm1(W-MSA(x)), then x + norm2(MLP(x)), on (B, H, W, C).
+
+    Args:
+        dim: channels.
+        num_heads: attention heads.
+        window: window side for this block (already clipped for small stages).
+        shift: cyclic shift (0 for regular windows).
+        pretrained_window: see `WindowAttention`.
+        cfg: the model config (dropout rates, eps, activation, mask value).
+        drop_path_prob: stochastic depth probability of both residual branches.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window: int, shift: int, pretrained_window: int,
+                 cfg: SwinV2Config, drop_path_prob: float = 0.0) -> None:
+        super().__init__()
+        self.window = window
+        self.shift = shift
+        self.mask_value = cfg.shift_mask_value
+        self.attn = WindowAttention(dim, num_heads, window, pretrained_window, cfg.qkv_bias,
+                                    cfg.attn_drop_rate, cfg.attn_drop_rate)
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.hidden_act, cfg.drop_rate)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
+        self.drop_path = DropPath(drop_path_prob)
+        self._shift_masks: dict[tuple, Tensor] = {}
+        self._mask_cache: dict[tuple, Tensor] = {}
+
+    # -- masks ---------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "SwinV2Block":
+        # A cached (detached) mask must never leak into training; drop it on every mode switch.
+        self._mask_cache.clear()
+        return super().train(mode)
+
+    def _shift_mask(self, height: int, width: int, ref: Tensor) -> Tensor:
+        """(nW, 1, N, N) shift-region mask; depends on no weights, so it is always cached."""
+        key = (height, width, ref.device, ref.dtype)
+        if key not in self._shift_masks:
+            mask = shift_region_mask(height, width, self.window, self.shift, self.mask_value, ref.device, ref.dtype)
+            self._shift_masks = {key: mask.unsqueeze(1)}
+        return self._shift_masks[key]
+
+    def _build_mask(self, height: int, width: int, ref: Tensor) -> Tensor:
+        """Position bias plus shift mask: (1, h, N, N) without shift, else (1, nW * h, N, N)."""
+        bias = self.attn.position_bias().to(ref.dtype)  # (h, N, N)
+        if not self.shift:
+            return bias.unsqueeze(0)
+        n = bias.shape[-1]
+        return (bias.unsqueeze(0) + self._shift_mask(height, width, ref)).view(1, -1, n, n)
+
+    def _bias_version(self) -> tuple:
+        return tuple((p.data_ptr(), p._version) for p in self.attn.cpb_mlp.parameters())
+
+    def attention_mask(self, height: int, width: int, ref: Tensor) -> Tensor:
+        """The SDPA mask for a padded (height, width) map, cached when no gradient can need it."""
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.attn.cpb_mlp.parameters())
+        if self.training or needs_grad:
+            return self._build_mask(height, width, ref)
+        key = (height, width, ref.device, ref.dtype, self._bias_version())
+        mask = self._mask_cache.get(key)
+        if mask is None:
+            mask = self._build_mask(height, width, ref).detach()
+            self._mask_cache = {key: mask}  # one shape at a time: bounded memory
+        return mask
+
+    # -- forward -------------------------------------------------------------------------------
+    def _shifted_window_attention(self, x: Tensor) -> Tensor:
+        """Pad to the window, roll, attend per window, unroll, crop: (B, H, W, C) -> same."""
+        _, height, width, _ = x.shape
+        pad_b, pad_r = (-height) % self.window, (-width) % self.window
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = height + pad_b, width + pad_r
+        if self.shift:
+            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        windows = self.attn(window_partition(x, self.window), self.attention_mask(hp, wp, x))
+        x = window_reverse(windows, self.window, hp, wp)
+        if self.shift:
+            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
+        return x[:, :height, :width] if (pad_b or pad_r) else x
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) -> (B, H, W, C)."""
+        x = x + self.drop_path(self.norm1(self._shifted_window_attention(x)))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
+
+
+class PatchMerging(nn.Module):
+    """V2 patch merging: 2x2 neighbourhood concat -> Linear(4C, 2C) -> LayerNorm(2C).
+
+    Concatenation order is (0,0), (1,0), (0,1), (1,1) in (row, col) offsets, as in the Microsoft,
+    timm, torchvision and transformers implementations. Odd sides are zero-padded first.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(2 * dim, eps=DEFAULT_LN_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)."""
+        b, h, w, c = x.shape
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+            h, w = h + h % 2, w + w % 2
+        # (B, H/2, row-off, W/2, col-off, C) -> (B, H/2, W/2, col-off, row-off, C): row offset varies fastest.
+        x = x.view(b, h // 2, 2, w // 2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h // 2, w // 2, 4 * c)
+        return self.norm(self.reduction(x))
+
+
+class SwinV2Stage(nn.Module):
+    """Blocks at one resolution, then (except for the last stage) patch merging.
+
+    Args:
+        dim: channels of this stage.
+        depth: number of blocks.
+        num_heads: attention heads.
+        resolution: configured (h, w) feature map of this stage (fixes window and shift).
+        pretrained_window: see `WindowAttention`.
+        cfg: the model config.
+        drop_path_probs: one stochastic depth probability per block.
+        downsample: end the stage with patch merging.
+    """
+
+    def __init__(self, dim: int, depth: int, num_heads: int, resolution: tuple[int, int], pretrained_window: int,
+                 cfg: SwinV2Config, drop_path_probs: list[float], downsample: bool) -> None:
+        super().__init__()
+        window, shift = stage_window_and_shift(resolution, cfg.window_size)
+        self.window, self.shift = window, shift
+        self.blocks = nn.ModuleList([
+            SwinV2Block(dim, num_heads, window, 0 if i % 2 == 0 else shift, pretrained_window, cfg, drop_path_probs[i])
+            for i in range(depth)])
+        self.downsample = PatchMerging(dim) if downsample else None
+        self.grad_checkpointing = False
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, H, W, C) -> (stage output (B, H, W, C), next stage input (B, H', W', C'))."""
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping patch projection then LayerNorm; pads the image to a patch multiple."""
+
+    def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(dim, eps=DEFAULT_LN_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> (B, ceil(H/p), ceil(W/p), C)."""
+        p = self.patch_size
+        pad_b, pad_r = (-x.shape[2]) % p, (-x.shape[3]) % p
+        if pad_b or pad_r:
+            x = F.pad(x, (0, pad_r, 0, pad_b))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class SwinTransformerV2(nn.Module):
+    """Swin Transformer V2 backbone (no classification head).
+
+    `forward` returns a `SwinV2Output` whose `last_hidden_state` and `pooler_output` match
+    transformers' `Swinv2Model` given converted weights (see `models.swinv2.convert`).
+    """
+
+    def __init__(self, cfg: SwinV2Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
+        probs = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        grid = (cfg.img_size[0] // cfg.patch_size, cfg.img_size[1] // cfg.patch_size)
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(cfg.depths):
+            start = sum(cfg.depths[:i])
+            self.layers.append(SwinV2Stage(
+                cfg.stage_dim(i), depth, cfg.num_heads[i], (grid[0] // 2**i, grid[1] // 2**i),
+                cfg.pretrained_window_sizes[i], cfg, probs[start:start + depth], downsample=i < cfg.num_stages - 1))
+        self.num_features = cfg.stage_dim(cfg.num_stages - 1)
+        self.norm = nn.LayerNorm(self.num_features, eps=cfg.layer_norm_eps)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        """Truncated-normal Linear weights, zero biases (the reference initialisation)."""
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # -- introspection ---------------------------------------------------------------------------
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """Per stage: output channels, stride in input pixels and module name (timm convention)."""
+        return [dict(num_chs=self.cfg.stage_dim(i), reduction=self.cfg.patch_size * 2**i, module=f"layers.{i}")
+                for i in range(self.cfg.num_stages)]
+
+    def grid_size(self, image_size: tuple[int, int], stage: int = -1) -> tuple[int, int]:
+        """Token grid (h, w) of `stage` for an input of (height, width) pixels."""
+        stage = stage % self.cfg.num_stages
+        h = math.ceil(image_size[0] / self.cfg.patch_size)
+        w = math.ceil(image_size[1] / self.cfg.patch_size)
+        for _ in range(stage):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        return h, w
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regexes grouping parameter names for layer-wise LR / freezing (timm convention)."""
+        return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)" if coarse else [
+            (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+            (r"^layers\.(\d+)\.downsample", (99998,)),  # merging ends its stage, after its blocks
+            (r"^norm", (99999,)),
+        ])
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward instead of storing them."""
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward_features(self, pixel_values: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Backbone without pooling.
+
+        Args:
+            pixel_values: (B, C_in, H, W).
+
+        Returns:
+            (final map after the final norm, (B, h, w, C); per-stage maps before downsampling,
+            [(B, h_i, w_i, C_i)]).
+        """
+        x = self.pos_drop(self.patch_embed(pixel_values))
+        stages = []
+        for stage in self.layers:
+            out, x = stage(x)
+            stages.append(out)
+        return self.norm(x), stages
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Mean-pool a (B, h, w, C) map to (B, C)."""
+        return features.mean(dim=(1, 2))
+
+    def forward(self, pixel_values: Tensor) -> SwinV2Output:
+        """(B, C_in, H, W) images -> `SwinV2Output` (tokens row-major over each grid)."""
+        features, stages = self.forward_features(pixel_values)
+        b, h, w, c = features.shape
+        return SwinV2Output(
+            last_hidden_state=features.reshape(b, h * w, c),
+            pooler_output=self.forward_head(features),
+            stage_outputs=[s.reshape(b, -1, s.shape[-1]) for s in stages],
+            stage_grids=[(s.shape[1], s.shape[2]) for s in stages],
+        )
