@@ -1,0 +1,300 @@
+"""Sheets of paper as RGBA images: till receipts and other paperwork (letters, tax forms, invoices).
+
+Public API:
+    render_receipt(rng, width) -> RGBA image `width` pixels wide (length follows its content)
+    render_document(rng, width, kind=None) -> RGBA A4-shaped page; kind in DOCUMENT_KINDS
+    staple_pair(rng, first, second) -> RGBA of two receipts stapled together, overlapping at the top
+    add_staple(draw, x, y, length, angle_deg)
+
+Sheets are drawn at a fixed "paper" resolution, where fonts are legible, then shrunk to the size they
+take in the scene, so the text turns into the grey texture a camera sees. Paper tint, ink fading,
+crumple shading and torn edges are applied at scene size, where they are cheap.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+from pathlib import Path
+
+from PIL import Image, ImageChops, ImageDraw, ImageFont
+
+from data.synth import content
+
+FONT_ROOT = Path("/usr/share/fonts")
+DOCUMENT_KINDS = ("letter", "tax_form", "invoice", "blank")
+A4_RATIO = 297 / 210
+PAPER_WIDTH_DOC = 320  # px of an A4 page at paper resolution
+
+
+@functools.lru_cache(maxsize=None)
+def _font_files() -> dict[str, str]:
+    """DejaVu font files on this machine by stem, e.g. "DejaVuSansMono-Bold"."""
+    return {p.stem: str(p) for p in FONT_ROOT.rglob("DejaVu*.ttf")}
+
+
+@functools.lru_cache(maxsize=256)
+def font(name: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """A DejaVu face by stem; Pillow's built-in font where DejaVu is not installed."""
+    path = _font_files().get(name)
+    return ImageFont.truetype(path, size) if path else ImageFont.load_default(size)
+
+
+# ----------------------------------------------------------------------------------------- receipts
+
+def render_receipt(rng: random.Random, width: int) -> Image.Image:
+    """A till receipt `width` px wide: thermal print, maybe faded, crumpled, with torn ends."""
+    paper = _receipt_text(rng)
+    height = max(2, round(paper.height * width / paper.width))
+    sheet = paper.resize((width, height), Image.Resampling.BOX)
+    sheet = _fade(rng, sheet) if rng.random() < 0.45 else sheet
+    sheet = _crumple(rng, sheet, strength=rng.uniform(0.03, 0.16))
+    rgba = _tint(sheet, _paper_colour(rng, warm=0.6)).convert("RGBA")
+    rgba.putalpha(_torn_mask(rng, width, height))
+    return rgba
+
+
+def _receipt_text(rng: random.Random) -> Image.Image:
+    """Greyscale receipt at paper resolution: 255 paper, dark thermal ink."""
+    chars = rng.randint(24, 40)
+    face = rng.choice(["DejaVuSansMono", "DejaVuSansMono", "DejaVuSansCondensed"])
+    body = font(face, 12)
+    char_w = body.getlength("0")
+    margin = rng.randint(6, 18)
+    width = round(chars * char_w) + 2 * margin
+    lines = content.receipt_lines(rng, chars)
+    line_h = rng.randint(13, 17)
+    top, tail = rng.randint(10, 40), rng.randint(16, 160)
+    barcode = 46 if rng.random() < 0.4 else 0
+    height = top + line_h * (len(lines) + 1) + barcode + tail
+    image = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(image)
+    ink = rng.randint(5, 70)
+    y = top
+    for style, text in lines:
+        y += _receipt_line(draw, style, text, face, margin, width, y, ink)
+        y += line_h if style != "title" else 0
+    if barcode:
+        _barcode(rng, draw, margin, y + 8, width - 2 * margin, barcode - 14, ink)
+    return image
+
+
+def _receipt_line(draw: ImageDraw.ImageDraw, style: str, text: str, face: str, margin: int, width: int,
+                  y: int, ink: int) -> int:
+    """Draw one line; returns extra height used beyond a body line."""
+    if style == "title":
+        title = font("DejaVuSans-Bold", 17)
+        x = max(margin, (width - title.getlength(text)) / 2)
+        draw.text((x, y), text, fill=ink, font=title)
+        return 24
+    face = face + "-Bold" if style == "bold" else face
+    body = font(face, 12)
+    x = (width - body.getlength(text)) / 2 if style == "center" else margin
+    draw.text((max(margin, x), y), text, fill=ink, font=body)
+    return 0
+
+
+def _barcode(rng: random.Random, draw: ImageDraw.ImageDraw, x: int, y: int, width: int, height: int,
+             ink: int) -> None:
+    end = x + width * rng.uniform(0.6, 1.0)
+    while x < end:
+        bar = rng.choice([1, 1, 2, 3])
+        draw.rectangle([x, y, x + bar - 1, y + height], fill=ink)
+        x += bar + rng.choice([1, 2, 2, 3])
+
+
+def _fade(rng: random.Random, sheet: Image.Image) -> Image.Image:
+    """Thermal fading: ink washes out towards one end or overall, as old receipts do."""
+    gradient = Image.linear_gradient("L").resize(sheet.size)
+    if rng.random() < 0.5:
+        gradient = gradient.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    strength = rng.uniform(0.35, 0.8)
+    floor = rng.uniform(0.0, 0.5) * strength
+    mask = gradient.point(lambda v: int(255 * (floor + (strength - floor) * v / 255)))
+    return Image.composite(Image.new("L", sheet.size, 255), sheet, mask)
+
+
+def _torn_mask(rng: random.Random, width: int, height: int) -> Image.Image:
+    """Alpha mask of a strip whose top and/or bottom edge is torn off the printer's roll."""
+    mask = Image.new("L", (width, height), 255)
+    draw = ImageDraw.Draw(mask)
+    tooth = max(1, round(width / rng.randint(12, 30)))
+    depth = max(1, round(width * rng.uniform(0.015, 0.04)))
+    for top in (True, False):
+        if rng.random() < 0.75:
+            points = [(x, rng.randint(0, depth)) for x in range(0, width + tooth, tooth)]
+            if not top:
+                points = [(x, height - 1 - d) for x, d in points]
+            edge = 0 if top else height
+            draw.polygon([(0, edge)] + points + [(width, edge)], fill=0)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------- documents
+
+def render_document(rng: random.Random, width: int, kind: str | None = None) -> Image.Image:
+    """An A4 page `width` px wide of `kind` (random when None), with crumples and maybe folds."""
+    kind = kind or rng.choices(DOCUMENT_KINDS, weights=[3, 3, 3, 1])[0]
+    page = Image.new("RGB", (PAPER_WIDTH_DOC, round(PAPER_WIDTH_DOC * A4_RATIO)), (255, 255, 255))
+    {"letter": _letter, "tax_form": _tax_form, "invoice": _invoice, "blank": _blank}[kind](rng, page)
+    height = round(width * page.height / page.width)
+    page = page.resize((width, height), Image.Resampling.BOX)
+    if rng.random() < 0.4:
+        page = _tri_fold(rng, page)
+    page = _crumple(rng, page, strength=rng.uniform(0.02, 0.09))
+    return ImageChops.multiply(page, Image.new("RGB", page.size, _paper_colour(rng, warm=0.25))).convert("RGBA")
+
+
+def _letter(rng: random.Random, page: Image.Image) -> None:
+    draw, w = ImageDraw.Draw(page), page.width
+    accent = _accent(rng)
+    serif = rng.random() < 0.5
+    body = font("DejaVuSerif" if serif else "DejaVuSans", 8)
+    draw.rectangle([20, 18, 20 + rng.randint(20, 40), 40], fill=accent)
+    draw.text((70, 20), rng.choice(content.STORES).title() + " Ltd", fill=accent, font=font("DejaVuSans-Bold", 13))
+    y = 60
+    for line in content.address_block(rng) + ["", content.date_text(rng), "", "Dear Customer,", ""]:
+        draw.text((26, y), line, fill=(30, 30, 30), font=body)
+        y += 11
+    for paragraph in content.letter_paragraphs(rng):
+        y = _wrapped(draw, paragraph, 26, y, w - 52, body, (35, 35, 40)) + 8
+        if y > page.height - 60:
+            break
+    draw.text((26, min(y + 6, page.height - 40)), "Yours sincerely,", fill=(30, 30, 30), font=body)
+
+
+def _tax_form(rng: random.Random, page: Image.Image) -> None:
+    draw, w = ImageDraw.Draw(page), page.width
+    draw.rectangle([14, 14, w - 14, 44], outline=(0, 0, 0), width=2)
+    draw.text((22, 20), f"Form {rng.randint(100, 9999)}", fill=(0, 0, 0), font=font("DejaVuSans-Bold", 12))
+    draw.text((110, 22), "Individual Income Tax Return 20" + str(rng.randint(18, 25)), fill=(0, 0, 0),
+              font=font("DejaVuSans", 8))
+    tint = rng.choice([(255, 255, 255), (235, 245, 235), (245, 238, 225), (230, 238, 250)])
+    y, label = 52, font("DejaVuSansCondensed", 7)
+    for i, field in enumerate(content.form_fields(rng, rng.randint(12, 21)), start=1):
+        height = rng.choice([16, 18, 20])
+        draw.rectangle([14, y, w - 14, y + height], outline=(60, 60, 60), fill=tint if i % 2 else None)
+        draw.text((18, y + 4), f"{i:>2} {field}", fill=(20, 20, 20), font=label)
+        draw.rectangle([w - 96, y + 2, w - 18, y + height - 2], outline=(90, 90, 90), fill=(255, 255, 255))
+        if rng.random() < 0.7:
+            draw.text((w - 90, y + 3), content.money(rng, 10, 90000), fill=(20, 20, 110), font=label)
+        y += height + 3
+        if y > page.height - 40:
+            break
+
+
+def _invoice(rng: random.Random, page: Image.Image) -> None:
+    draw, w = ImageDraw.Draw(page), page.width
+    accent = _accent(rng)
+    draw.text((20, 18), "INVOICE", fill=accent, font=font("DejaVuSans-Bold", 18))
+    small = font("DejaVuSans", 7)
+    for i, line in enumerate([f"Invoice no. {rng.randint(1000, 99999)}", f"Date {content.date_text(rng)}"]):
+        draw.text((w - 120, 20 + 10 * i), line, fill=(40, 40, 40), font=small)
+    for i, line in enumerate(["Bill to:"] + content.address_block(rng)):
+        draw.text((20, 56 + 10 * i), line, fill=(40, 40, 40), font=small)
+    y = 110
+    draw.rectangle([16, y, w - 16, y + 14], fill=accent)
+    draw.text((20, y + 3), "Description                         Qty        Amount", fill=(255, 255, 255), font=small)
+    for desc, qty, amount in content.invoice_rows(rng, rng.randint(3, 12)):
+        y += 16
+        draw.text((20, y), desc, fill=(30, 30, 30), font=small)
+        draw.text((w - 120, y), qty, fill=(30, 30, 30), font=small)
+        draw.text((w - 70, y), amount, fill=(30, 30, 30), font=small)
+        draw.line([16, y + 13, w - 16, y + 13], fill=(200, 200, 200))
+    draw.rectangle([w - 130, y + 24, w - 16, y + 44], outline=(0, 0, 0))
+    draw.text((w - 124, y + 29), f"TOTAL  {content.money(rng, 100, 9000)}", fill=(0, 0, 0),
+              font=font("DejaVuSans-Bold", 8))
+
+
+def _blank(rng: random.Random, page: Image.Image) -> None:
+    """A blank page; sometimes with ruled lines, a hole punch margin or a faint header."""
+    draw, w = ImageDraw.Draw(page), page.width
+    if rng.random() < 0.35:
+        for y in range(50, page.height - 20, 12):
+            draw.line([10, y, w - 10, y], fill=(190, 205, 230))
+    if rng.random() < 0.3:
+        for y in (page.height * 0.3, page.height * 0.7):
+            draw.ellipse([8, y - 5, 18, y + 5], fill=(120, 120, 120))
+
+
+def _wrapped(draw: ImageDraw.ImageDraw, text: str, x: int, y: int, width: int,
+             face: ImageFont.FreeTypeFont, fill: tuple[int, int, int]) -> int:
+    """Draw `text` wrapped to `width`; returns the y below the last line."""
+    line = ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if face.getlength(trial) > width and line:
+            draw.text((x, y), line, fill=fill, font=face)
+            y, line = y + 11, word
+        else:
+            line = trial
+    draw.text((x, y), line, fill=fill, font=face)
+    return y + 11
+
+
+def _tri_fold(rng: random.Random, page: Image.Image) -> Image.Image:
+    """Creases of a letter folded in three: a dark and a light line at 1/3 and 2/3 height."""
+    draw = ImageDraw.Draw(page)
+    for third in (1 / 3, 2 / 3):
+        y = round(page.height * third + rng.uniform(-3, 3))
+        draw.line([0, y, page.width, y + rng.randint(-2, 2)], fill=(200, 200, 196))
+        draw.line([0, y + 1, page.width, y + 1], fill=(255, 255, 255))
+    return page
+
+
+# ------------------------------------------------------------------------------------------- shared
+
+def _paper_colour(rng: random.Random, warm: float) -> tuple[int, int, int]:
+    """Near-white, sometimes cream or grey-ish (cheap thermal paper, recycled paper)."""
+    base = rng.randint(236, 255)
+    if rng.random() < warm:
+        return base, max(0, base - rng.randint(0, 8)), max(0, base - rng.randint(4, 22))
+    return base, base, max(0, base - rng.randint(0, 6))
+
+
+def _accent(rng: random.Random) -> tuple[int, int, int]:
+    return rng.choice([(20, 50, 120), (120, 20, 30), (20, 90, 60), (60, 60, 60), (0, 0, 0), (150, 80, 0)])
+
+
+def _tint(sheet: Image.Image, colour: tuple[int, int, int]) -> Image.Image:
+    """Greyscale sheet -> RGB, white mapped to `colour` (ink stays dark)."""
+    return Image.merge("RGB", [sheet.point(lambda v, c=c: v * c // 255) for c in colour])
+
+
+def _crumple(rng: random.Random, sheet: Image.Image, strength: float) -> Image.Image:
+    """Soft light/dark patches and a few creases, as crumpled paper shows under light."""
+    cells = (rng.randint(2, 5), rng.randint(3, 9))
+    low = Image.new("L", cells)
+    low.putdata([round(255 * (1 - strength * rng.random())) for _ in range(cells[0] * cells[1])])
+    shade = low.resize(sheet.size, Image.Resampling.BICUBIC)
+    draw = ImageDraw.Draw(shade)
+    for _ in range(rng.randint(0, 4) if strength > 0.05 else 0):
+        x0, y0 = rng.uniform(0, sheet.width), rng.uniform(0, sheet.height)
+        angle = rng.uniform(0, math.pi)
+        dx, dy = math.cos(angle) * sheet.height, math.sin(angle) * sheet.height
+        draw.line([x0 - dx, y0 - dy, x0 + dx, y0 + dy], fill=round(255 * (1 - 1.5 * strength)))
+    if sheet.mode == "RGB":
+        shade = Image.merge("RGB", [shade] * 3)
+    return ImageChops.multiply(sheet, shade)
+
+
+def add_staple(draw: ImageDraw.ImageDraw, x: float, y: float, length: float, angle_deg: float) -> None:
+    """A metal staple centred on (x, y): a grey bar with a highlight."""
+    angle = math.radians(angle_deg)
+    dx, dy = math.cos(angle) * length / 2, math.sin(angle) * length / 2
+    width = max(1, round(length / 9))
+    draw.line([x - dx, y - dy, x + dx, y + dy], fill=(105, 105, 110, 255), width=width + 1)
+    draw.line([x - dx, y - dy - 1, x + dx, y + dy - 1], fill=(215, 215, 220, 255), width=max(1, width // 2))
+
+
+def staple_pair(rng: random.Random, first: Image.Image, second: Image.Image) -> Image.Image:
+    """Two receipts stapled at the top: `second` overlaps `first` sideways, both stay visible."""
+    dx = round(first.width * rng.uniform(0.45, 0.8))
+    dy = round(first.height * rng.uniform(0.0, 0.12))
+    group = Image.new("RGBA", (max(first.width, dx + second.width), max(first.height, dy + second.height)))
+    group.alpha_composite(first, (0, 0))
+    group.alpha_composite(second, (dx, dy))
+    length = max(4, first.width * rng.uniform(0.18, 0.3))
+    add_staple(ImageDraw.Draw(group), (dx + first.width) / 2, dy + length * 0.8, length, rng.uniform(-30, 30))
+    return group
