@@ -100,6 +100,7 @@ def _decode(path: Path, max_image_pixels: int) -> Image.Image:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        image.close()
         raise BadImageError(path, f"truncated or corrupt image data ({exc})") from exc
     return image
 
