@@ -85,9 +85,9 @@ class InternViTEncoder(VisionEncoder):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
-            self.backbone.gradient_checkpointing_enable()
+            self.backbone.activation_checkpointing_enable()
         else:
-            self.backbone.gradient_checkpointing_disable()
+            self.backbone.activation_checkpointing_disable()
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
         """(B, 3, H, W) -> patch tokens (B, (H/p)*(W/p), C); the CLS token is dropped."""

@@ -25,6 +25,7 @@ class _HFSwinFamilyEncoder(VisionEncoder):
     config_class: ClassVar[type[PretrainedConfig]]
     model_class: ClassVar[type[PreTrainedModel]]
     model_types: ClassVar[tuple[str, ...]]
+    lora_targets: ClassVar[tuple[str, ...]]  # attention and MLP Linear names, as transformers names them
 
     def __init__(self, backbone: PreTrainedModel, preprocessing: ImagePreprocessing) -> None:
         super().__init__()
@@ -90,13 +91,13 @@ class _HFSwinFamilyEncoder(VisionEncoder):
 
     @property
     def lora_target_modules(self) -> list[str]:
-        return ["query", "key", "value", "attention.output.dense"]
+        return list(self.lora_targets)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
-            self.backbone.gradient_checkpointing_enable()
+            self.backbone.activation_checkpointing_enable()
         else:
-            self.backbone.gradient_checkpointing_disable()
+            self.backbone.activation_checkpointing_disable()
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
         """(B, 3, H, W) -> tokens (B, h*w, C) after the final norm, plus every stage's tokens."""
@@ -115,6 +116,7 @@ class SwinEncoder(_HFSwinFamilyEncoder):
     config_class = SwinConfig
     model_class = SwinModel
     model_types = ("swin",)
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2")
 
 
 class Swinv2Encoder(_HFSwinFamilyEncoder):
@@ -122,6 +124,7 @@ class Swinv2Encoder(_HFSwinFamilyEncoder):
     config_class = Swinv2Config
     model_class = Swinv2Model
     model_types = ("swinv2",)
+    lora_targets = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
 def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
