@@ -1,0 +1,89 @@
+"""Preprocessing built from an encoder's ImagePreprocessing, and deterministic augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers.image_transforms import normalize
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension
+
+from data.transforms import AugmentConfig, augment_image, preprocess, resize_image, to_tensor
+from models.encoders.base import ImagePreprocessing
+
+
+def _tall_receipt() -> Image.Image:
+    """A black 50x200 strip: aspect ratio 1:4, like a long receipt."""
+    return Image.new("RGB", (50, 200), (0, 0, 0))
+
+
+def _busy_image(seed: int = 0) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (60, 80, 3), generator=generator, dtype=torch.uint8)
+    return Image.frombytes("RGB", (80, 60), data.numpy().tobytes())
+
+
+def test_pad_keeps_a_tall_image_unsquashed() -> None:
+    out = resize_image(_tall_receipt(), (224, 224), mode="pad", pad_value=(255, 255, 255))
+    assert out.size == (224, 224)
+    dark_columns = [x for x in range(224) if out.getpixel((x, 112))[0] < 128]
+    # 1:4 strip scaled to 224 tall is 56 wide, centred: columns 84..139
+    assert len(dark_columns) == 56 and dark_columns[0] == 84
+    assert out.getpixel((10, 112)) == (255, 255, 255) and out.getpixel((213, 112)) == (255, 255, 255)
+
+
+def test_plain_resize_stretches() -> None:
+    out = resize_image(_tall_receipt(), (224, 224), mode="resize")
+    assert out.getextrema() == ((0, 0), (0, 0), (0, 0))
+
+
+def test_non_square_target_size_and_pad_colour() -> None:
+    prep = ImagePreprocessing(size=(192, 320), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), pad_value=(0, 0, 0))
+    pixels = preprocess(Image.new("RGB", (100, 100), (255, 255, 255)), prep)
+    assert pixels.shape == (3, 192, 320)
+    assert torch.allclose(pixels[:, :, 160], torch.ones(3, 192))   # the white square, centred
+    assert torch.allclose(pixels[:, :, 10], -torch.ones(3, 192))   # black padding on the sides
+
+
+def test_unknown_resize_mode() -> None:
+    with pytest.raises(ValueError, match="resize mode"):
+        resize_image(_tall_receipt(), (32, 32), mode="crop")
+
+
+def test_normalisation_matches_transformers_convention() -> None:
+    image = _busy_image()
+    ours = to_tensor(image, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    array = np.asarray(image, dtype=np.float32) / 255.0  # do_rescale
+    theirs = normalize(array, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, data_format=ChannelDimension.FIRST,
+                       input_data_format=ChannelDimension.LAST)
+    assert ours.dtype == torch.float32 and ours.shape == (3, 60, 80)
+    assert torch.allclose(ours, torch.from_numpy(np.ascontiguousarray(theirs)), atol=1e-5)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_augmentation_is_deterministic_for_a_generator_seed() -> None:
+    prep = ImagePreprocessing(size=(64, 96), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    strong = AugmentConfig(blur_prob=1.0, jpeg_prob=1.0)
+    first = preprocess(_busy_image(), prep, strong, _generator(7))
+    again = preprocess(_busy_image(), prep, strong, _generator(7))
+    other = preprocess(_busy_image(), prep, strong, _generator(8))
+    plain = preprocess(_busy_image(), prep)
+    assert first.shape == (3, 64, 96)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert not torch.equal(first, plain)
+
+
+def test_augmentation_stays_mild_enough_to_keep_the_count() -> None:
+    """A receipt in the middle of the frame survives rotation and crop at full strength."""
+    scene = Image.new("RGB", (200, 200), (40, 40, 40))
+    scene.paste((255, 255, 255), (90, 40, 110, 160))
+    config = AugmentConfig(max_rotation=5.0, min_crop=0.9, blur_prob=0.0, jpeg_prob=0.0)
+    for seed in range(10):
+        out = augment_image(scene, _generator(seed), config)
+        bright = sum(out.convert("L").histogram()[129:])  # jitter keeps paper above mid-grey
+        assert bright > 0.7 * 20 * 120
