@@ -1,0 +1,204 @@
+"""Receipt classification inference: a loaded model plus the preprocessing its checkpoint describes.
+
+    counter = ReceiptCounter.from_pretrained("runs/demo/final")     # the exported folder alone
+    for p in counter.predict(["a.jpg", "scans/b.png"], batch_size=16):
+        print(p.image, p.label, p.probabilities) if p.ok else print(p.image, p.error)
+
+Inputs may be image paths, PIL images, or already-preprocessed (3, H, W) tensors. A bad input
+(missing, empty, truncated, non-image, decompression bomb, wrong tensor shape) gets its own
+`Prediction` with `error` set; the other inputs of the batch are classified as usual.
+
+Batching does not change answers: every image is preprocessed to the model's fixed
+`preprocessing.size` and, unless questions are given, every image is asked the same default question,
+so a batch is a plain stack of independent rows (no image or token padding differs between rows).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+import torch
+from PIL import Image, ImageOps
+
+from data.dataset import load_pixel_values
+from data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, to_rgb
+from data.transforms import preprocess
+from models.internvl2 import InternVL2MultimodalModel
+
+ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The answer for one input.
+
+    Attributes:
+        image: the input's path as given, or None for an in-memory PIL image / tensor.
+        label: the predicted class name (None on error).
+        class_index: the predicted class index (None on error).
+        probabilities: class name -> softmax probability, in class order (None on error).
+        error: why the input could not be classified (None on success).
+    """
+
+    image: str | None
+    label: str | None = None
+    class_index: int | None = None
+    probabilities: dict[str, float] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_row(self) -> dict:
+        """The design's prediction row: image, label, class_index, probabilities -- or image, error."""
+        if self.error is not None:
+            return {"image": self.image, "error": self.error}
+        return {"image": self.image, "label": self.label, "class_index": self.class_index,
+                "probabilities": self.probabilities}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """"auto" -> cuda when available, else cpu; "cpu"/"cuda"/torch.device pass through (checked)."""
+    if isinstance(device, torch.device):
+        return device
+    if device not in DEVICES and not device.startswith("cuda:"):
+        raise ValueError(f"device must be one of {DEVICES} (or cuda:N), got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+class ReceiptCounter:
+    """A receipt counter ready for inference: eval mode, on one device, default question tokenized once.
+
+    Args:
+        model: the trained model; it is put in eval mode and moved to `device`.
+        device: "auto", "cpu", "cuda" or a torch.device.
+        max_image_pixels: image files above this many pixels are refused as decompression bombs.
+    """
+
+    def __init__(self, model: InternVL2MultimodalModel, device: str | torch.device = "cpu",
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.device = resolve_device(device)
+        self.model = model.eval().to(self.device)
+        self.max_image_pixels = max_image_pixels
+        # One tokenization of the default question, shared by every batch: identical ids for every row.
+        self._default_ids, self._default_mask = model.tokenize([None], self.device)  # (1, T) each
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
+                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "ReceiptCounter":
+        """Load an exported model folder (config.json, model.safetensors, tokenizer files) and nothing else.
+
+        Raises:
+            FileNotFoundError: a file of the folder is missing (named in the message).
+            ValueError: config.json is not a receipt-counter export, or the weights do not match it.
+        """
+        return cls(InternVL2MultimodalModel.from_pretrained(folder), device, max_image_pixels)
+
+    @classmethod
+    def from_model(cls, model: InternVL2MultimodalModel, device: str | torch.device = "cpu",
+                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "ReceiptCounter":
+        """Wrap an in-memory model (e.g. at the end of training) without a round trip through disk."""
+        return cls(model, device, max_image_pixels)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.model.class_names
+
+    @property
+    def encoder(self) -> str:
+        """The vision encoder actually in the model (after any fallback at build time)."""
+        return self.model.config.vision.encoder
+
+    def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 16,
+                questions: Sequence[str | None] | None = None) -> list[Prediction]:
+        """Classify images; one `Prediction` per input, in input order.
+
+        Args:
+            images: a path, PIL image or tensor, or a sequence of them; a (B, 3, H, W) tensor is B inputs.
+            batch_size: images per forward pass; it does not change the answers.
+            questions: one question per image (None entries: the default question); None for all default.
+        """
+        return list(self.iter_predict(images, batch_size, questions))
+
+    def iter_predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 16,
+                     questions: Sequence[str | None] | None = None) -> Iterator[Prediction]:
+        """`predict`, yielding results batch by batch (for progress bars and streamed output)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        items = _as_list(images)
+        if questions is not None and len(questions) != len(items):
+            raise ValueError(f"got {len(questions)} questions for {len(items)} images")
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            chunk_questions = None if questions is None else list(questions[start:start + batch_size])
+            yield from self._predict_batch(chunk, chunk_questions)
+
+    def _predict_batch(self, items: list[ImageInput], questions: list[str | None] | None) -> list[Prediction]:
+        """Decode every item (errors stay per item), run one forward pass over the good ones."""
+        loaded = [self._load(item) for item in items]
+        good = [i for i, (pixels, _) in enumerate(loaded) if pixels is not None]
+        results = [Prediction(image=_name(item), error=error) for item, (_, error) in zip(items, loaded)]
+        if not good:
+            return results
+        pixels = torch.stack([loaded[i][0] for i in good]).to(self.device)  # (B, 3, H, W)
+        probs = self._probabilities(pixels, None if questions is None else [questions[i] for i in good])
+        for row, i in zip(probs.tolist(), good):
+            k = max(range(len(row)), key=row.__getitem__)
+            results[i] = Prediction(image=_name(items[i]), label=self.class_names[k], class_index=k,
+                                    probabilities=dict(zip(self.class_names, row)))
+        return results
+
+    @torch.inference_mode()
+    def _probabilities(self, pixels: torch.Tensor, questions: list[str | None] | None) -> torch.Tensor:
+        """(B, 3, H, W) -> class probabilities (B, num_classes), float32 on the CPU."""
+        if questions is None or all(q is None for q in questions):
+            ids = self._default_ids.expand(pixels.shape[0], -1)
+            mask = self._default_mask.expand(pixels.shape[0], -1)
+        else:
+            ids, mask = self.model.tokenize(questions, self.device)
+        logits = self.model(pixels, ids, mask).logits  # (B, num_classes)
+        return logits.float().softmax(-1).cpu()
+
+    def _load(self, item: ImageInput) -> tuple[torch.Tensor | None, str | None]:
+        """One input -> ((3, H, W) tensor, None) or (None, reason)."""
+        try:
+            if isinstance(item, torch.Tensor):
+                return self._check_tensor(item), None
+            if isinstance(item, Image.Image):
+                # Same orientation and mode handling as files get in `open_image`.
+                return preprocess(to_rgb(ImageOps.exif_transpose(item)), self.model.preprocessing), None
+            if isinstance(item, (str, os.PathLike)):
+                return load_pixel_values(item, self.model.preprocessing, self.max_image_pixels), None
+            raise ValueError(f"unsupported input type {type(item).__name__} (expected a path, PIL image or tensor)")
+        except BadImageError as exc:
+            return None, exc.reason
+        except (ValueError, OSError) as exc:
+            return None, str(exc)
+
+    def _check_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A preprocessed image must already have the model's (3, H, W) shape."""
+        expected = (3, *self.model.preprocessing.size)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"tensor of shape {tuple(tensor.shape)} is not a preprocessed image of shape {expected}")
+        return tensor.float()
+
+
+def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
+    """A single input or a (B, 3, H, W) tensor -> a list of inputs."""
+    if isinstance(images, torch.Tensor):
+        return list(images.unbind(0)) if images.ndim == 4 else [images]
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return [images]
+    return list(images)
+
+
+def _name(item: ImageInput) -> str | None:
+    return os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
