@@ -1,0 +1,96 @@
+"""Training-state checkpoints through accelerate, written atomically, the last K kept.
+
+A checkpoint is `RUN/checkpoints/step-XXXXXXXX/`, written by `accelerator.save_state` into a hidden
+temporary folder and renamed into place when complete, so a run killed at any moment leaves either
+a whole checkpoint or none. `--resume` takes the newest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+
+PREFIX = "step-"
+
+
+@dataclass
+class TrainingProgress:
+    """Where a run is; saved with every checkpoint (registered with `accelerator.register_for_checkpointing`)."""
+
+    stage: int = 0  # index into train.stages
+    epoch: int = 0  # epoch within the stage
+    batches_done: int = 0  # batches of the current epoch already consumed (data position)
+    stage_step: int = 0  # optimizer steps within the stage
+    global_step: int = 0  # optimizer steps in the whole run
+    best_metric: float | None = None  # best validation macro-F1 so far
+    best_step: int | None = None
+    bad_epochs: int = 0  # epochs without improvement in this stage (early stopping)
+    stage_stopped_early: bool = False
+    finished: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch validation metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders are never listed)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def read_progress(checkpoint: Path) -> TrainingProgress:
+    """The progress saved beside a checkpoint, readable before any model is set up."""
+    progress = TrainingProgress()
+    progress.load_state_dict(json.loads((checkpoint / "progress.json").read_text()))
+    return progress
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingProgress, keep_last: int) -> Path:
+    """Save the full training state atomically; every process must call this."""
+    root = checkpoint_root(run_dir)
+    final = root / f"{PREFIX}{progress.global_step:08d}"
+    tmp = root / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "progress.json").write_text(json.dumps(progress.state_dict(), indent=1))
+        if final.exists():  # the same step saved again (an epoch end right after a periodic save)
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Drop half-written checkpoints left by a killed run."""
+    root = checkpoint_root(run_dir)
+    if root.is_dir():
+        for tmp in root.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,34 @@
+"""Datasets of a run, built from `data.*` and the model's preprocessing. Manifest problems surface here,
+before any training step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from config.schema import DataConfig
+from data import AugmentConfig, ReceiptDataset, load_records
+from models.encoders import ImagePreprocessing
+
+
+@dataclass
+class RunDatasets:
+    train: ReceiptDataset
+    val: ReceiptDataset | None
+    test: ReceiptDataset | None
+
+
+def build_datasets(config: DataConfig, class_names: list[str], preprocessing: ImagePreprocessing,
+                   seed: int) -> RunDatasets:
+    """Read every manifest named by `data.train/val/test` (raising `ManifestError` with FILE:LINE)."""
+    if config.train is None:
+        raise ValueError("data.train is not set: give a manifest (CSV/JSONL) or a class-per-folder directory")
+
+    def make(source: str | None, augment: bool) -> ReceiptDataset | None:
+        if source is None:
+            return None
+        return ReceiptDataset(load_records(source, class_names), preprocessing,
+                              augment=AugmentConfig() if augment else None, on_bad_image=config.on_bad_image,
+                              max_image_pixels=config.max_image_pixels, seed=seed)
+
+    return RunDatasets(train=make(config.train, config.augment), val=make(config.val, False),
+                       test=make(config.test, False))

@@ -1,0 +1,118 @@
+"""`accelerate launch -m train --config config/NAME.yaml [--set key=value ...] [--resume]`.
+
+Sets up accelerate, builds the model (recording any encoder fallback), checks the run folder,
+and hands over to `train.loop.Trainer`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import set_seed
+from transformers.utils import logging as hf_logging
+
+from config import Config, load_config, save_config, to_dict
+from config.loader import ConfigError
+from models.build import build_model
+from train.checkpoints import latest_checkpoint, read_progress, remove_stale_temporaries
+from train.data import build_datasets
+from train.loop import Trainer
+
+logger = logging.getLogger("train")
+
+RESOLVED_CONFIG = "config.yaml"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (may start with `base:`)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set model.vision.encoder=swinv2 (repeatable)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="resume even though the resolved config differs from the saved one")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, step_scheduler_with_optimizer=False,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
+                                                                        data_seed=config.seed))
+    _setup_logging(accelerator.is_main_process)
+    set_seed(config.seed)
+    model = build_model(config.model)
+    config = Config(model=model.config, data=config.data, train=config.train, output_dir=config.output_dir,
+                    seed=config.seed)  # resolved: the encoder actually used
+    run_dir = Path(config.output_dir)
+    checkpoint = _prepare_run_dir(accelerator, config, run_dir, args.resume, args.allow_config_change)
+    datasets = build_datasets(config.data, model.class_names, model.preprocessing, config.seed)
+    trainer = Trainer(config, accelerator, model, datasets, run_dir)
+    progress = read_progress(checkpoint) if checkpoint else None
+    result = trainer.run(checkpoint, progress)
+    if accelerator.is_main_process:
+        print(json.dumps(result, indent=1))
+    accelerator.end_training()
+    return 0
+
+
+def _prepare_run_dir(accelerator: Accelerator, config: Config, run_dir: Path, resume: bool,
+                     allow_change: bool) -> Path | None:
+    """Check the run folder against `--resume`; return the checkpoint to resume from, if any."""
+    checkpoint = latest_checkpoint(run_dir)
+    saved = run_dir / RESOLVED_CONFIG
+    if resume and checkpoint is not None:
+        _check_same_config(config, saved, allow_change)
+        _truncate_metrics(run_dir, read_progress(checkpoint).global_step, accelerator.is_main_process)
+    elif checkpoint is not None:
+        raise SystemExit(f"{run_dir} already holds checkpoints ({checkpoint.name}): pass --resume to continue, "
+                         f"or set output_dir to a new folder")
+    elif resume:
+        logger.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        remove_stale_temporaries(run_dir)
+        save_config(config, saved)
+    return checkpoint
+
+
+def _check_same_config(config: Config, saved_path: Path, allow_change: bool) -> None:
+    saved = load_config(saved_path)
+    diffs = _diff(to_dict(saved), to_dict(config), "")
+    if diffs and not allow_change:
+        raise SystemExit(f"refusing to resume into a different config ({saved_path}):\n  " + "\n  ".join(diffs)
+                         + "\npass --allow-config-change to resume anyway")
+    if diffs:
+        logger.warning("resuming with a changed config: %s", "; ".join(diffs))
+
+
+def _diff(old: object, new: object, path: str) -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{path}.{k}".lstrip("."))]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+
+
+def _truncate_metrics(run_dir: Path, step: int, is_main: bool) -> None:
+    """Drop metric lines written after the checkpoint by the run that was killed."""
+    path = run_dir / "metrics.jsonl"
+    if is_main and path.exists():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["global_step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    hf_logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # per-file save/load lines drown the progress
