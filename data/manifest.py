@@ -150,7 +150,9 @@ def _resolve_image(row: dict[str, Any], root: Path) -> Path:
     relative = str(row[key])
     root = root.resolve()
     target = (root / relative).resolve()
-    if Path(relative).is_absolute() or not target.is_relative_to(root):
+    if Path(relative).is_absolute():
+        raise ValueError(f"image path {relative!r} is absolute; it must be relative to the manifest's folder {root}")
+    if not target.is_relative_to(root):
         raise ValueError(f"image path {relative!r} escapes the manifest's folder {root}")
     if not target.is_file():
         raise ValueError(f"image file not found: {relative!r}")

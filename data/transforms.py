@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 from transformers.image_utils import PILImageResampling
 
+from data.images import to_rgb
 from models.encoders.base import ImagePreprocessing
 
 WHITE = (255, 255, 255)
@@ -141,7 +142,7 @@ def preprocess(image: Image.Image, preprocessing: ImagePreprocessing, augment: A
     """Full pipeline for one RGB image: optional augmentation, resize/pad, normalise.
 
     Args:
-        image: RGB image (see `data.images.open_image`).
+        image: a PIL image, normally from `data.images.open_image`; other modes are converted.
         preprocessing: the encoder's size, mean, std, resize mode and pad value.
         augment: augmentation strengths for training; None (inference, evaluation) for none.
         generator: random source for the augmentation.
@@ -149,6 +150,7 @@ def preprocess(image: Image.Image, preprocessing: ImagePreprocessing, augment: A
     Returns:
         FloatTensor (3, H, W) with (H, W) = `preprocessing.size`.
     """
+    image = to_rgb(image)  # a no-op for open_image's output; callers may pass any PIL image
     if augment is not None:
         image = augment_image(image, generator, augment, fill=preprocessing.pad_value)
     image = resize_image(image, preprocessing.size, preprocessing.resize, preprocessing.pad_value)

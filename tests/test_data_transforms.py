@@ -87,3 +87,9 @@ def test_augmentation_stays_mild_enough_to_keep_the_count() -> None:
         out = augment_image(scene, _generator(seed), config)
         bright = sum(out.convert("L").histogram()[129:])  # jitter keeps paper above mid-grey
         assert bright > 0.7 * 20 * 120
+
+
+def test_preprocess_accepts_any_pil_mode() -> None:
+    prep = ImagePreprocessing(size=(16, 16), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    transparent = Image.new("LA", (8, 8), (0, 0))
+    assert torch.allclose(preprocess(transparent, prep), torch.ones(3, 16, 16))  # composited on white

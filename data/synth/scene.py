@@ -95,7 +95,9 @@ def _noise_field(rng: random.Random, size: int, cells: int, low: float, blur: fl
     coarse = Image.new("L", (cells, cells))
     coarse.putdata([round(255 * rng.uniform(low, 1.0)) for _ in range(cells * cells)])
     field = coarse.resize((size, size), Image.Resampling.BICUBIC)
-    fine = _uniform_noise(rng, (size, size), 220, 255, channels=1).filter(ImageFilter.GaussianBlur(blur))
+    # Fine texture drawn at a fraction of the size: upscaling smooths it as a blur would, for less.
+    small = max(8, round(size / (1 + blur)))
+    fine = _uniform_noise(rng, (small, small), 220, 255, channels=1).resize((size, size), Image.Resampling.BILINEAR)
     return Image.merge("RGB", [ImageChops.multiply(field, fine)] * 3)
 
 
@@ -129,7 +131,8 @@ def _place_side_document(rng: random.Random, scene: Image.Image, scan: bool,
     """A page half off one side of the frame; returns the horizontal range left for receipts."""
     size = scene.width
     page = _rotate(rng, render_document(rng, round(size * rng.uniform(0.45, 0.6))), spread=3 if scan else 10)
-    visible = size * rng.uniform(0.2, 0.33)
+    # Wide enough that the visible part reads as a sheet, not as one more narrow strip.
+    visible = min(page.width * 0.8, size * rng.uniform(0.3, 0.42))
     left_side = rng.random() < 0.5
     x = visible - page.width if left_side else size - visible
     _paste(rng, scene, page, (x, size * rng.uniform(-0.1, 0.5) - page.height * 0.25), scan, light)
@@ -232,8 +235,9 @@ def _photo_finish(rng: random.Random, scene: Image.Image) -> Image.Image:
     scene = ImageChops.multiply(scene, _lighting(rng, scene.width))
     if rng.random() < 0.3:
         scene = _cast_shadow(rng, scene)
-    scene = _keystone(rng, scene, strength=rng.uniform(0.0, 0.09))
-    scene = scene.filter(ImageFilter.GaussianBlur(rng.uniform(0.0, 1.1) * scene.width / 448))
+    scene = _keystone(rng, scene, strength=rng.uniform(0.0, 0.09)) if rng.random() < 0.85 else scene
+    radius = rng.uniform(0.0, 1.1) * scene.width / 448
+    scene = scene.filter(ImageFilter.GaussianBlur(radius)) if radius > 0.25 else scene
     return _add_noise(rng, scene, amplitude=rng.randint(2, 12))
 
 
