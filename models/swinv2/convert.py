@@ -126,7 +126,8 @@ def config_from_transformers(hf_config: Any) -> SwinV2Config:
     if not isinstance(d.get("hidden_act", "gelu"), str):
         raise ValueError("hidden_act must be a name, got a callable")
     depths = tuple(d["depths"])
-    pretrained = d.get("pretrained_window_sizes") or (0,) * len(depths)
+    # transformers indexes this per stage and ignores extra entries (its default has four).
+    pretrained = tuple(d.get("pretrained_window_sizes") or (0,) * len(depths))[:len(depths)]
     return SwinV2Config(
         img_size=_pair(d.get("image_size", 224)), patch_size=patch[0], in_chans=int(d.get("num_channels", 3)),
         embed_dim=int(d["embed_dim"]), depths=depths, num_heads=tuple(d["num_heads"]),
@@ -469,23 +470,40 @@ _TO_INHOUSE: dict[str, Callable[[StateDict], StateDict]] = {
 }
 
 
-def check_against(sd: StateDict, expected: StateDict) -> None:
-    """Raise naming every missing or unexpected key, or the first mis-shaped one."""
+_FROM_INHOUSE: dict[str, Callable[[StateDict], StateDict]] = {
+    "inhouse": lambda sd: dict(sd), "transformers": inhouse_to_transformers, "microsoft": inhouse_to_microsoft,
+    "timm": inhouse_to_timm, "torchvision": inhouse_to_torchvision,
+}
+
+
+def _source_keys(layout: str, key: str, value: Tensor) -> list[str]:
+    """Best-effort name(s) of in-house `key` in the checkpoint's own layout, for error messages."""
+    try:
+        return sorted(_FROM_INHOUSE[layout]({key: value}))
+    except (KeyError, ValueError):  # a multi-tensor entry (torchvision's qkv.bias) has no lone name
+        return []
+
+
+def check_against(sd: StateDict, expected: StateDict, layout: str = "inhouse") -> None:
+    """Raise naming every missing or unexpected key, or the first mis-shaped one (with its source name)."""
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
     if missing or unexpected:
         raise KeyError(f"state dict does not match the model: missing {missing}, unexpected {unexpected}")
     for key, value in sd.items():
         if value.shape != expected[key].shape:
-            raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape "
+            source = _source_keys(layout, key, value) if layout != "inhouse" else []
+            origin = f" (from {layout} key(s) {source})" if source else ""
+            raise ValueError(f"{key}{origin}: checkpoint shape {tuple(value.shape)} != model shape "
                              f"{tuple(expected[key].shape)}")
 
 
 def checkpoint_filter_fn(state_dict: StateDict, model: SwinTransformerV2) -> StateDict:
     """Any supported layout -> in-house, checked against `model` (timm's filter-fn convention)."""
     state_dict = state_dict.get("model", state_dict)  # Microsoft checkpoints wrap weights in "model"
-    out = _TO_INHOUSE[detect_layout(state_dict)](state_dict)
-    check_against(out, model.state_dict())
+    layout = detect_layout(state_dict)
+    out = _TO_INHOUSE[layout](state_dict)
+    check_against(out, model.state_dict(), layout)
     return out
 
 

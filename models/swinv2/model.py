@@ -316,7 +316,7 @@ class WindowAttention(nn.Module):
         table = self.cpb_mlp(self.relative_coords_table.to(self.cpb_mlp[0].weight.dtype))  # (2w-1, 2w-1, h)
         n = self.window * self.window
         bias = table.view(-1, self.num_heads)[self.relative_position_index.view(-1)].view(n, n, -1)
-        return 16 * torch.sigmoid(bias.permute(2, 0, 1))
+        return 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous())
 
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
         """Attend within windows.
@@ -407,7 +407,7 @@ class SwinV2Block(nn.Module):
         if not self.shift:
             return bias.unsqueeze(0)
         n = bias.shape[-1]
-        return (bias.unsqueeze(0) + self._shift_mask(height, width, ref)).view(1, -1, n, n)
+        return (bias.unsqueeze(0) + self._shift_mask(height, width, ref)).reshape(1, -1, n, n)
 
     def _bias_version(self) -> tuple:
         return tuple((p.data_ptr(), p._version) for p in self.attn.cpb_mlp.parameters())
