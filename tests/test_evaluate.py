@@ -1,0 +1,142 @@
+"""Metrics against hand-computed values, and scripts/evaluate.py end to end on a tiny exported model."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from models.inference import ReceiptCounter
+from models.metrics import (accuracy, classification_report, confusion_matrix, expected_calibration_error,
+                            macro_f1, per_class_scores)
+from tests.test_inference import draw_image, export_tiny_model
+from tests.test_predict_cli import _load_script
+
+evaluate = _load_script("evaluate")
+
+# targets / predictions of six samples; confusion [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+TARGETS, PREDS = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 0, 2]
+
+
+def test_confusion_matrix_and_accuracy():
+    assert confusion_matrix(TARGETS, PREDS, 3).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    assert accuracy(TARGETS, PREDS) == pytest.approx(4 / 6)
+    assert accuracy(torch.tensor(TARGETS), torch.tensor(PREDS)) == pytest.approx(4 / 6)  # tensors or lists
+    assert accuracy([], []) == 0.0 and confusion_matrix([], [], 2).tolist() == [[0, 0], [0, 0]]
+    with pytest.raises(ValueError, match="6 targets but 5 predictions"):
+        accuracy(TARGETS, PREDS[:5])
+    with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
+        confusion_matrix([0, 2], [0, 1], 2)
+
+
+def test_per_class_scores_and_macro_f1():
+    s = per_class_scores(confusion_matrix(TARGETS, PREDS, 3))
+    torch.testing.assert_close(s.precision, torch.tensor([1 / 2, 2 / 3, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(s.recall, torch.tensor([1 / 2, 1.0, 1 / 2], dtype=torch.float64))
+    torch.testing.assert_close(s.f1, torch.tensor([1 / 2, 0.8, 2 / 3], dtype=torch.float64))
+    assert s.support.tolist() == [2, 2, 2]
+    assert macro_f1(TARGETS, PREDS, 3) == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+
+
+def test_macro_f1_when_a_class_is_absent():
+    # classes 2 and 3 occur nowhere: left out of the mean, not counted as F1 = 0
+    assert macro_f1([0, 0, 1], [0, 1, 1], 4) == pytest.approx(2 / 3)
+    # class 1 predicted but never true: precision 0 and recall 0 (not NaN), F1 0, and it counts
+    assert macro_f1([0, 0], [0, 1], 3) == pytest.approx((2 / 3 + 0) / 2)
+    s = per_class_scores(confusion_matrix([0, 0], [0, 1], 3))
+    assert not torch.isnan(s.precision).any() and s.precision.tolist() == [1.0, 0.0, 0.0]
+    assert macro_f1([], [], 3) == 0.0
+    assert macro_f1([1, 1], [1, 1], 3) == 1.0
+
+
+def test_expected_calibration_error_hand_computed():
+    # confidences 0.9 (right), 0.6 (wrong), 0.7 (right), 0.34 (right), each alone in its 1/15-wide bin
+    probs = torch.tensor([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.34, 0.33, 0.33]])
+    assert expected_calibration_error(probs, [0, 1, 1, 0]) == pytest.approx((0.1 + 0.6 + 0.3 + 0.66) / 4)
+    # 0.9 and 0.88 share the bin (13/15, 14/15]: accuracy 0.5 vs mean confidence 0.89
+    assert expected_calibration_error(torch.tensor([[0.9, 0.1], [0.88, 0.12]]), [0, 1]) == pytest.approx(0.39)
+    assert expected_calibration_error(torch.tensor([[1.0, 0.0]]), [0]) == 0.0  # confidence 1 is in the last bin
+    assert expected_calibration_error(torch.zeros(0, 3), []) == 0.0
+    with pytest.raises(ValueError, match="probabilities must be"):
+        expected_calibration_error(torch.zeros(3, 2), [0, 1])
+
+
+def test_classification_report_is_json_ready():
+    probs = torch.eye(3)[PREDS] * 0.8 + 0.2 / 3
+    report = classification_report(TARGETS, probs, ["0", "1", "2+"])
+    assert json.loads(json.dumps(report)) == report
+    assert report["accuracy"] == pytest.approx(4 / 6) and report["macro_f1"] == pytest.approx(0.65555555)
+    assert report["per_class"]["1"] == {"precision": pytest.approx(2 / 3), "recall": 1.0, "f1": pytest.approx(0.8),
+                                        "support": 2}
+    assert report["confusion_matrix"]["counts"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+@pytest.fixture(scope="module")
+def export(tiny_checkpoints, tmp_path_factory) -> Path:
+    return export_tiny_model(tiny_checkpoints, tmp_path_factory.mktemp("evaluate") / "export")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """A CSV manifest of 8 drawn images (labels spread over the classes) and one corrupt file."""
+    root = tmp_path_factory.mktemp("eval_data")
+    rows = []
+    for i in range(8):
+        draw_image(240 + 40 * i, 400 - 20 * i, seed=10 + i).save(root / f"im{i}.jpg")
+        rows.append((f"im{i}.jpg", ["0", "1", "2+"][i % 3]))
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a JPEG body")
+    rows.append(("broken.jpg", "1"))
+    with (root / "metadata.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([("file_name", "label"), *rows])
+    return root / "metadata.csv"
+
+
+def test_evaluate_writes_metrics_png_and_misclassified(export, dataset, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(export), "--data", str(dataset), "--out", str(out),
+                          "--batch-size", "3"]) == 0
+    assert "accuracy" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    names = ["0", "1", "2+"]
+    # the same predictions through the API, counted by hand
+    paths = [dataset.parent / f"im{i}.jpg" for i in range(8)]
+    labels = [i % 3 for i in range(8)]
+    preds = [p.class_index for p in ReceiptCounter.from_pretrained(export).predict(paths)]
+    counts = [[sum(1 for t, p in zip(labels, preds) if (t, p) == (i, j)) for j in range(3)] for i in range(3)]
+    assert metrics["confusion_matrix"]["counts"] == counts
+    assert metrics["num_samples"] == 8 and metrics["accuracy"] == pytest.approx(sum(counts[k][k] for k in range(3)) / 8)
+    assert metrics["macro_f1"] == pytest.approx(macro_f1(labels, preds, 3))
+    assert 0.0 <= metrics["ece"] <= 1.0 and metrics["ece_bins"] == 15
+    assert set(metrics["per_class"]) == set(names)
+    assert metrics["encoder"] == "swin" and metrics["requested_encoder"] == "swin" and metrics["fallback_cause"] is None
+    assert metrics["num_failed"] == 1 and metrics["failed"][0]["image"].endswith("broken.jpg")
+
+    with (out / "misclassified.csv").open(newline="") as handle:
+        wrong = list(csv.DictReader(handle))
+    assert len(wrong) == metrics["num_misclassified"] == sum(t != p for t, p in zip(labels, preds))
+    if wrong:
+        assert list(wrong[0]) == ["image", "true", "predicted", "prob_0", "prob_1", "prob_2+"]
+        assert wrong[0]["true"] != wrong[0]["predicted"]
+
+    with Image.open(out / "confusion_matrix.png") as png:
+        assert png.format == "PNG" and png.size == evaluate.confusion_image_size(3)
+        low, high = png.convert("L").getextrema()
+        assert low < 64 and high > 240  # dark text/cells on a white page, not a blank image
+
+
+def test_confusion_picture_scales_with_classes_and_fits_long_names():
+    names = ["no receipt at all, only letters", "1", "2", "3", "4+"]
+    counts = [[5, 1, 0, 0, 0], [0, 3, 0, 0, 0], [0, 0, 0, 0, 0], [1, 0, 0, 2, 0], [0, 0, 0, 0, 7]]
+    image = evaluate.draw_confusion_matrix(counts, names, "Confusion matrix, accuracy 89.5%")
+    assert image.size == evaluate.confusion_image_size(5) and image.mode == "RGB"
+
+
+def test_evaluate_errors_name_the_problem(export, tmp_path, capsys):
+    assert evaluate.main(["--checkpoint", str(export), "--data", str(tmp_path / "none.csv")]) == 2
+    assert "cannot load manifest" in capsys.readouterr().err
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--data", str(tmp_path / "none.csv")]) == 2
+    assert "config.json is missing" in capsys.readouterr().err
