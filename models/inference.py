@@ -180,8 +180,8 @@ class ReceiptCounter:
             raise ValueError(f"unsupported input type {type(item).__name__} (expected a path, PIL image or tensor)")
         except BadImageError as exc:
             return None, exc.reason
-        except (ValueError, OSError) as exc:
-            return None, str(exc)
+        except (ValueError, OSError, SyntaxError, KeyError, TypeError) as exc:  # incl. a broken EXIF block
+            return None, str(exc) or type(exc).__name__
 
     def _check_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         """A preprocessed image must already have the model's (3, H, W) shape."""
