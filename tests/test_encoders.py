@@ -121,3 +121,11 @@ def test_preprocessing_comes_from_checkpoint(tiny_checkpoints):
     encoder = build("swin", tiny_checkpoints, (448, 896))
     assert encoder.preprocessing.size == (448, 896)
     assert encoder.preprocessing.mean == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_swin_refuses_inputs_smaller_than_its_window_up_front(tiny_checkpoints):
+    with pytest.raises(ValueError, match="smaller than window_size=7.*at least 224x224"):
+        build("swin", tiny_checkpoints, (112, 112))
+    encoder = build("swin", tiny_checkpoints)
+    with pytest.raises(ValueError, match="a 224x160 input gives a 7x5 map at stage 3"):
+        encoder(torch.randn(1, 3, 224, 160))

@@ -261,7 +261,7 @@ class Trainer:
             raise RuntimeError("evaluation saw no usable image")
         preds, labels, names = torch.cat(preds), torch.cat(labels), self.model.class_names
         f1 = per_class_scores(confusion_matrix(labels, preds, len(names))).f1
-        return {"loss": torch.cat(losses).mean().item(), "accuracy": accuracy(labels, preds),
+        return {"samples": labels.numel(), "loss": torch.cat(losses).mean().item(), "accuracy": accuracy(labels, preds),
                 "macro_f1": macro_f1(labels, preds, len(names)),
                 "per_class_f1": {name: f1[i].item() for i, name in enumerate(names)}}
 

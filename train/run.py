@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import set_seed
 from transformers.utils import logging as hf_logging
@@ -47,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    accelerator = Accelerator(mixed_precision=config.train.mixed_precision, step_scheduler_with_optimizer=False,
+    # Several processes on a machine without CUDA (`accelerate launch --multi_gpu` here): accelerate only
+    # picks its gloo CPU backend when told the run is on CPU.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=multi_cpu, mixed_precision=config.train.mixed_precision,
+                              step_scheduler_with_optimizer=False,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                         data_seed=config.seed))
     _setup_logging(accelerator.is_main_process)
@@ -98,8 +104,11 @@ def _check_same_config(config: Config, saved_path: Path, allow_change: bool) -> 
 
 
 def _diff(old: object, new: object, path: str) -> list[str]:
+    """Leaf-level differences between two config dicts, as "a.b.c: old -> new"."""
     if isinstance(old, dict) and isinstance(new, dict):
         return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{path}.{k}".lstrip("."))]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _diff(a, b, f"{path}.{i}")]
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 

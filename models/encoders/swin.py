@@ -39,16 +39,23 @@ class _HFSwinFamilyEncoder(VisionEncoder):
         preprocessing = ImagePreprocessing(size=tuple(image_size), mean=mean, std=std, resize=resize)
         if checkpoint is None:
             config = make_config(cls.config_class, config_overrides, cls.name)
-            return cls(cls.model_class(config, add_pooling_layer=False), preprocessing)
+            backbone = cls.model_class(config, add_pooling_layer=False)
+        else:
+            backbone = cls._load(checkpoint, config_overrides)
+        encoder = cls(backbone, preprocessing)
+        encoder.check_input_size(preprocessing.size)
+        return encoder
+
+    @classmethod
+    def _load(cls, checkpoint: str, config_overrides: dict[str, Any]) -> PreTrainedModel:
         config_dict = read_config_dict(checkpoint, cls.model_types, cls.name)
         fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
         config = make_config(cls.config_class, {**fields, **config_overrides}, cls.name)
         try:
-            backbone = cls.model_class.from_pretrained(checkpoint, config=config, add_pooling_layer=False,
-                                                        dtype=torch.float32)
+            return cls.model_class.from_pretrained(checkpoint, config=config, add_pooling_layer=False,
+                                                   dtype=torch.float32)
         except OSError as e:  # config present but weights missing or unreadable
             raise EncoderUnavailableError(f"encoder {cls.name!r}: cannot load weights from {checkpoint}: {e}") from e
-        return cls(backbone, preprocessing)
 
     @classmethod
     def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "_HFSwinFamilyEncoder":
@@ -99,8 +106,12 @@ class _HFSwinFamilyEncoder(VisionEncoder):
         else:
             self.backbone.activation_checkpointing_disable()
 
+    def check_input_size(self, image_size: tuple[int, int]) -> None:
+        """Raise ValueError if the backbone cannot run on (height, width); every size works by default."""
+
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
         """(B, 3, H, W) -> tokens (B, h*w, C) after the final norm, plus every stage's tokens."""
+        self.check_input_size((pixel_values.shape[2], pixel_values.shape[3]))
         embeddings, dims = self.backbone.embeddings(pixel_values)
         out = self.backbone.encoder(embeddings, dims, output_hidden_states=True,
                                     output_hidden_states_before_downsampling=True)
@@ -117,6 +128,18 @@ class SwinEncoder(_HFSwinFamilyEncoder):
     model_class = SwinModel
     model_types = ("swin",)
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp.fc1", "mlp.fc2")
+
+    def check_input_size(self, image_size: tuple[int, int]) -> None:
+        """transformers' SwinModel shrinks the window of a stage smaller than it, but not the window's
+        position-bias table, and then fails deep inside; say so up front instead."""
+        window = self.backbone.config.window_size
+        for stage in range(len(self.feature_info)):
+            h, w = self.grid_size(image_size, stage)
+            if min(h, w) < window:
+                smallest = window * self.feature_info[-1].stride
+                raise ValueError(f"encoder 'swin': a {image_size[0]}x{image_size[1]} input gives a {h}x{w} map at "
+                                 f"stage {stage}, smaller than window_size={window}; transformers' SwinModel "
+                                 f"needs inputs of at least {smallest}x{smallest} here (swinv2 has no such limit)")
 
 
 class Swinv2Encoder(_HFSwinFamilyEncoder):

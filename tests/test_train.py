@@ -1,0 +1,174 @@
+"""Staged training end to end on a tiny config: stages, trainability, LoRA, export, resume, multi-process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from config.schema import StageConfig
+from models.build import build_model
+from models.internvl2 import InternVL2MultimodalModel
+from train.checkpoints import list_checkpoints
+from train.lora import has_lora, inject_lora, lora_groups, merge_lora
+from train.run import main
+from train.trainability import apply_stage, resolve_groups
+from tests.conftest import ENCODER_CHECKPOINT, make_config
+
+REPO = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def receipts(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("receipts")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_receipts.py"), "--out", str(out), "--train", "12",
+                    "--val", "6", "--test", "6", "--seed", "0", "--size", "64", "--no-contact-sheet"],
+                   check=True, capture_output=True)
+    return out
+
+
+def run_args(tiny, receipts: Path, out: Path, *extra: str) -> list[str]:
+    sets = [f"model.vision.encoder=swinv2", f"model.vision.checkpoint={tiny[ENCODER_CHECKPOINT['swinv2']]}",
+            f"model.language.checkpoint={tiny['internvl2']}", "model.vision.image_size=[64, 64]",
+            f"data.train={receipts / 'train'}", f"data.val={receipts / 'val'}", f"data.test={receipts / 'test'}",
+            "data.batch_size=4", "data.eval_batch_size=4", f"output_dir={out}",
+            "train.stages.0.epochs=1", "train.stages.1.epochs=1", "train.stages.2.epochs=1", *extra]
+    return ["--config", str(REPO / "config" / "base.yaml")] + [a for s in sets for a in ("--set", s)]
+
+
+def test_full_run_writes_manifests_metrics_and_exports(tiny_checkpoints, receipts, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(run_args(tiny_checkpoints, receipts, out)) == 0
+    manifest = json.loads((out / "stages" / "0-align" / "trainable.json").read_text())
+    assert sorted(manifest["groups"]) == ["fusion", "head", "projector"]
+    stage2 = json.loads((out / "stages" / "1-vision" / "trainable.json").read_text())
+    assert stage2["groups"]["vision.last_stage"]["lr_scales"] == [0.01]
+    assert "language.lora" in json.loads((out / "stages" / "2-lora" / "trainable.json").read_text())["groups"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["stage"] for m in lines] == ["align", "vision", "lora"]
+    assert all(m["encoder"] == "swinv2" and m["val_samples"] == 6 for m in lines)
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"]["samples"] == 6 and results["encoder"] == "swinv2"
+    assert len(list_checkpoints(out)) == 2  # keep_last_checkpoints
+    final = InternVL2MultimodalModel.from_pretrained(out / "final")  # LoRA merged: a plain model loads
+    assert not has_lora(final) and final.config.vision.encoder == "swinv2"
+    assert (out / "best" / "config.json").is_file() and (out / "final" / "run_config.yaml").is_file()
+
+
+def test_frozen_parameters_stay_bit_identical(tiny_checkpoints, receipts, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_checkpoints, receipts, out, "train.stages=[{name: align, epochs: 1, lr: 0.001, "
+                                                     "trainable: [projector, head]}]")
+    assert main(args) == 0
+    trained = safetensors.torch.load_file(out / "final" / "model.safetensors")
+    torch.manual_seed(0)
+    initial = build_model(make_config(tiny_checkpoints, "swinv2", "model.vision.image_size=[64, 64]").model)
+    for name, value in initial.state_dict().items():
+        if name.startswith(("vision.", "language.", "fusion.")):
+            assert torch.equal(trained[name], value), f"{name} is frozen but changed"
+    assert not torch.equal(trained["head.2.weight"], initial.state_dict()["head.2.weight"])
+
+
+def test_stage_groups_are_checked(tiny_checkpoints):
+    model = build_model(make_config(tiny_checkpoints, "swin").model)
+    groups = model.parameter_groups()
+    with pytest.raises(ValueError, match="unknown trainable group 'vision.lastt'; valid groups: .*vision.last_stage"):
+        resolve_groups(StageConfig(trainable=["vision.lastt"]), groups)
+    with pytest.raises(ValueError, match=r"lr_multipliers for groups not in trainable: \['fusion'\]"):
+        resolve_groups(StageConfig(trainable=["head"], lr_multipliers={"fusion": 0.1}), groups)
+
+
+def test_smallest_group_wins_and_layer_decay_scales(tiny_checkpoints):
+    model = build_model(make_config(tiny_checkpoints, "swin").model)
+    stage = StageConfig(trainable=["vision.all", "vision.last_stage"], lr=1.0,
+                        lr_multipliers={"vision.all": 0.1}, layer_decay=0.5)
+    depth = [f"vision.{g}" for g in model.vision.depth_groups]
+    trainable = apply_stage(model, stage, model.parameter_groups(), depth)
+    by_name = {t.name: t for t in trainable}
+    last = by_name["vision.backbone.encoder.layers.3.blocks.0.attention.q_proj.weight"]
+    assert (last.group, last.lr_scale) == ("vision.last_stage", 1.0)
+    first = by_name["vision.backbone.encoder.layers.0.blocks.0.attention.q_proj.weight"]
+    assert first.group == "vision.all" and first.lr_scale == pytest.approx(0.1 * 0.5 ** 3)  # stage.0 of 5 groups
+    assert by_name["vision.backbone.layernorm.weight"].decay is False
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(by_name)
+
+
+def test_lora_export_matches_the_unmerged_model(tiny_checkpoints, tmp_path):
+    model = build_model(make_config(tiny_checkpoints, "swin").model).eval()
+    inject_lora(model, "language.lora", rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for module in lora_groups(model)["language.lora"]:
+            for p in module.parameters():
+                p.normal_(0, 0.2)  # lora_B starts at zero; make the adapter matter
+        for block in model.fusion.blocks:
+            block.attn_gate.fill_(1.0)
+    x = torch.randn(2, 3, 224, 224)
+    expected = model(x).logits
+    merge_lora(model.language)
+    assert not has_lora(model)
+    model.save_pretrained(tmp_path / "export")
+    torch.testing.assert_close(InternVL2MultimodalModel.from_pretrained(tmp_path / "export")(x).logits, expected,
+                               rtol=1e-4, atol=1e-5)
+
+
+def _train_subprocess(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    command = (launcher or [sys.executable]) + ["-m", "train"] + args
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_checkpoints, receipts, tmp_path):
+    extra = ("train.save_every_steps=1", "train.keep_last_checkpoints=3")
+    reference = _train_subprocess(run_args(tiny_checkpoints, receipts, tmp_path / "ref", *extra))
+    killed_dir = tmp_path / "killed"
+    victim = _train_subprocess(run_args(tiny_checkpoints, receipts, killed_dir, *extra))
+    deadline = time.time() + 300
+    # 3 steps an epoch, 1 epoch a stage: step 4 is inside stage 2's epoch
+    while time.time() < deadline and not any(int(c.name[5:]) >= 4 for c in list_checkpoints(killed_dir)):
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    resumed = _train_subprocess(run_args(tiny_checkpoints, receipts, killed_dir, *extra) + ["--resume"])
+    assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
+    assert reference.wait(timeout=600) == 0, reference.stdout.read()
+    expected = json.loads((tmp_path / "ref" / "results.json").read_text())
+    got = json.loads((killed_dir / "results.json").read_text())
+    assert got["test"] == expected["test"] and got["global_step"] == expected["global_step"]
+    ref_weights = safetensors.torch.load_file(tmp_path / "ref" / "final" / "model.safetensors")
+    for name, value in safetensors.torch.load_file(killed_dir / "final" / "model.safetensors").items():
+        assert torch.equal(value, ref_weights[name]), name
+    steps = [json.loads(line)["global_step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and len(steps) == 3  # no duplicate lines from the killed run
+
+
+def test_resume_refuses_a_changed_config(tiny_checkpoints, receipts, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_checkpoints, receipts, out, "train.stages=[{name: a, max_steps: 1, trainable: [head]}]")
+    assert main(args) == 0
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        main(args)
+    with pytest.raises(SystemExit, match=r"train.stages.0.lr: 0.0001 -> 0.5"):
+        main(args + ["--set", "train.stages.0.lr=0.5", "--resume"])
+    assert main(args + ["--set", "train.stages.0.lr=0.5", "--resume", "--allow-config-change"]) == 0
+
+
+def test_two_processes_with_accelerate_launch(tiny_checkpoints, receipts, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = _train_subprocess(run_args(tiny_checkpoints, receipts, out), launcher=launcher)
+    assert proc.wait(timeout=600) == 0, proc.stdout.read()
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3  # one line per epoch: only the main process writes
+    assert all(m["val_samples"] == 6 for m in lines)  # gathered without double counting
+    assert json.loads((out / "results.json").read_text())["test"]["samples"] == 6
+    InternVL2MultimodalModel.from_pretrained(out / "final")
