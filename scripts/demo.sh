@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The main job, end to end on this machine: tiny checkpoints, synthetic data, all training stages,
+# evaluation on the test split, prediction on a few images.
+#   bash scripts/demo.sh [PYTHON] [CONFIG]        (make demo / make demo-internvit)
+set -euo pipefail
+PY=${1:-python}
+CONFIG=${2:-config/demo_swin.yaml}
+RUN=runs/$(basename "$CONFIG" .yaml)
+DATA=${DEMO_DATA:-datasets/receipts}
+start=$(date +%s)
+
+echo "== 1/5 tiny random checkpoints (InternVL2, Swin, Swin V2) -> checkpoints/tiny"
+"$PY" scripts/make_tiny_checkpoints.py --out checkpoints/tiny --seed 0
+
+echo "== 2/5 synthetic receipt-count data -> $DATA"
+if [ ! -f "$DATA/test/metadata.csv" ]; then
+  "$PY" scripts/make_receipts.py --out "$DATA" --train 900 --val 150 --test 150 --seed 0 --size 224
+else
+  echo "   (already there; delete $DATA to regenerate)"
+fi
+
+echo "== 3/5 all training stages: $CONFIG -> $RUN"
+rm -rf "$RUN"
+"$PY" -m train --config "$CONFIG" --set data.train="$DATA/train" --set data.val="$DATA/val" \
+  --set data.test="$DATA/test" --set output_dir="$RUN"
+
+echo "== 4/5 evaluation on the test split -> $RUN/eval"
+"$PY" scripts/evaluate.py --checkpoint "$RUN/final" --data "$DATA/test/metadata.csv" --out "$RUN/eval"
+
+echo "== 5/5 prediction on a few test images"
+"$PY" scripts/predict.py --checkpoint "$RUN/final" $(ls "$DATA"/test/*.jpg | head -n 6)
+
+echo "== demo finished in $(( $(date +%s) - start )) s; run folder: $RUN"
