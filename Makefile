@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo demo-internvit test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	bash scripts/demo.sh $(PY)
+	bash scripts/demo.sh $(PY) config/demo_swin.yaml
+
+demo-internvit: $(STAMP)
+	bash scripts/demo.sh $(PY) config/demo_internvit.yaml
 
 clean:
 	rm -rf $(VENV) checkpoints datasets runs outputs
