@@ -290,8 +290,8 @@ def add_staple(draw: ImageDraw.ImageDraw, x: float, y: float, length: float, ang
 
 def staple_pair(rng: random.Random, first: Image.Image, second: Image.Image) -> Image.Image:
     """Two receipts stapled at the top: `second` overlaps `first` sideways, both stay visible."""
-    dx = round(first.width * rng.uniform(0.45, 0.8))
-    dy = round(first.height * rng.uniform(0.0, 0.12))
+    dx = round(first.width * rng.uniform(0.7, 0.95))  # enough apart to still read as two strips
+    dy = round(first.height * rng.uniform(0.02, 0.15))
     group = Image.new("RGBA", (max(first.width, dx + second.width), max(first.height, dy + second.height)))
     group.alpha_composite(first, (0, 0))
     group.alpha_composite(second, (dx, dy))

@@ -31,7 +31,7 @@ def render_scene(rng: random.Random, size: int, receipt_count: int) -> tuple[Ima
     free = (0.0, float(size))
     if receipt_count == 0:
         _place_documents(rng, scene, scan, light, rng.choice([1, 1, 1, 2]))
-    elif rng.random() < 0.22:
+    elif rng.random() < 0.12:
         free = _place_side_document(rng, scene, scan, light)
     if receipt_count:
         _place_receipts(rng, scene, scan, light, receipt_count, free)
@@ -54,7 +54,7 @@ def _background(rng: random.Random, size: int) -> Image.Image:
 
 def _surface_colour(rng: random.Random) -> tuple[int, int, int]:
     """Desk and table tops: mostly darker than paper, sometimes a light laminate."""
-    if rng.random() < 0.12:
+    if rng.random() < 0.08:
         v = rng.randint(175, 210)
         return v, v - rng.randint(0, 10), v - rng.randint(0, 20)
     hue = rng.choice([(1.0, 1.0, 1.0), (1.0, 0.8, 0.6), (0.6, 0.7, 1.0), (0.6, 0.9, 0.7), (1.0, 0.6, 0.6)])
@@ -145,18 +145,20 @@ def _place_receipts(rng: random.Random, scene: Image.Image, scan: bool, light: t
     size = scene.width
     band = free[1] - free[0]
     width_cap = 0.85 * band / count
-    close_up = count == 1 and rng.random() < 0.35
-    widths = [size * (rng.uniform(0.18, 0.28) if close_up else rng.uniform(0.1, 0.17)) for _ in range(count)]
+    # One camera distance per scene; paper rolls differ in width (57-80 mm) by about this much.
+    close_up = count == 1 and rng.random() < 0.2
+    scale = size * (rng.uniform(0.18, 0.25) if close_up else rng.uniform(0.12, 0.16))
+    widths = [scale * rng.uniform(0.85, 1.1) for _ in range(count)]
     strips = [render_receipt(rng, round(min(width, width_cap))) for width in widths]
     strips = [_fit_length(s, size) for s in strips]
     objects = []
-    if count >= 2 and rng.random() < 0.2:
+    if count >= 2 and rng.random() < 0.12:
         objects.append(staple_pair(rng, strips.pop(), strips.pop()))
     elif rng.random() < 0.1:
         _staple_corner(rng, strips[0])
     objects += strips
     placed: list[Box] = []
-    overlap_ok = 0.35 if rng.random() < 0.3 else 0.12
+    overlap_ok = 0.2 if rng.random() < 0.2 else 0.06
     spread = 4 if scan else 18
     for obj in objects:
         obj = _rotate(rng, obj, spread=spread, sideways=count <= 2 and rng.random() < 0.1)
@@ -188,10 +190,10 @@ def _rotate(rng: random.Random, sheet: Image.Image, spread: float, sideways: boo
 
 def _choose_position(rng: random.Random, obj_size: tuple[int, int], free: tuple[float, float], size: int,
                      placed: list[Box], overlap_ok: float) -> Box:
-    """Top-left box for an object in the free band, keeping >= ~90% of it in frame and its overlap
+    """Top-left box for an object in the free band, keeping >= ~92% of it in frame and its overlap
     with already placed receipts (as a fraction of the smaller box) at most `overlap_ok`; best of 40."""
     w, h = obj_size
-    slack_x, slack_y = 0.08 * w, 0.06 * h
+    slack_x, slack_y = 0.05 * w, 0.04 * h
     best, best_overlap = None, float("inf")
     for _ in range(40):
         x = rng.uniform(free[0] - slack_x, max(free[0] - slack_x, free[1] - w + slack_x))
