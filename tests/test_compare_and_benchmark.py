@@ -1,0 +1,220 @@
+"""The pure parts of scripts/compare_encoders.py and scripts/benchmark.py: tables, fallback marking,
+budget checks, token counts, and one tiny benchmark run end to end. No timing is asserted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from models.build import build_model
+from tests.conftest import make_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+compare = load_script("compare_encoders")
+benchmark = load_script("benchmark")
+
+
+def ok_row(**changes: object) -> dict:
+    row = {"config": "swin", "requested_encoder": "swin", "encoder": "swin", "status": "ok", "fallback": None,
+           "test_accuracy": 0.5, "test_macro_f1": 0.4, "test_ece": 0.1, "trainable_parameters": 442_610,
+           "total_parameters": 2_541_490, "visual_tokens": 49, "train_images_per_s": 9.25,
+           "infer_images_per_s": 30.0, "latency_ms_p50": 12.34, "train_peak_rss_mib": 800.4,
+           "infer_peak_rss_mib": 500.0, "train_wall_s": 100.0, "measure_wall_s": 20.0}
+    row.update(changes)
+    return row
+
+
+# ---------------------------------------------------------------------------------------- tables
+def test_markdown_table_shape_and_escaping() -> None:
+    text = benchmark.markdown_table(["a", "b"], [[1, None], ["x|y", 2.5]])
+    lines = text.splitlines()
+    assert lines[0] == "| a | b |"
+    assert lines[1] == "|---|---|"
+    assert lines[2] == "| 1 | – |"
+    assert lines[3] == "| x\\|y | 2.5 |"
+
+
+def test_compare_row_cells_follow_headers() -> None:
+    cells = compare.table_cells(ok_row())
+    assert len(cells) == len(compare.HEADERS)
+    named = dict(zip(compare.HEADERS, cells))
+    assert named["encoder used"] == "swin"
+    assert named["trainable params"] == "443k" and named["total params"] == "2.54M"
+    assert named["visual tokens"] == 49 and named["run wall s"] == "120"
+
+
+def test_failed_row_fills_the_table_and_warns() -> None:
+    row = {"config": "x", "requested_encoder": "nope", "encoder": None, "status": "FAILED: training exit 1",
+           "fallback": None}
+    text = compare.render([row, ok_row()])
+    assert "**FAILED: training exit 1**" in text
+    assert "WARNING: x: FAILED" in text
+    assert all(line.count("|") == len(compare.HEADERS) + 1 for line in text.splitlines() if line.startswith("|"))
+
+
+# -------------------------------------------------------------------------------------- fallback
+def test_fallback_note_none_when_the_requested_encoder_ran() -> None:
+    record = {"encoder": "swin", "requested_encoder": "swin", "fallback_cause": None}
+    assert compare.fallback_note("swin", record, record) is None
+
+
+@pytest.mark.parametrize("record", [
+    {"encoder": "internvit", "requested_encoder": "swin", "fallback_cause": "weights missing"},
+    {"encoder": "internvit"},  # an older record without a cause still differs
+    {"encoder": "swin", "fallback_cause": "recorded cause with the right name is still suspicious"},
+])
+def test_fallback_note_flags_any_record_that_did_not_run_the_request(record: dict) -> None:
+    good = {"encoder": "swin"}
+    note = compare.fallback_note("swin", good, record)
+    assert note is not None and note.startswith("FALLBACK") and "'swin'" in note
+
+
+def test_fallback_row_is_marked_loudly_in_table_and_warning() -> None:
+    row = ok_row(encoder="internvit", fallback="FALLBACK: ran 'internvit', config asked for 'swin' (weights missing)")
+    text = compare.render([row])
+    table_line = next(line for line in text.splitlines() if line.startswith("| swin"))
+    assert "**FALLBACK: ran 'internvit'" in table_line
+    assert "WARNING: swin is a FALLBACK run" in text and "not swin ones" in text
+
+
+# ---------------------------------------------------------------------------------------- budget
+def test_budget_differences_ignore_vision_and_output_dir(tmp_path: Path) -> None:
+    configs = [ROOT / "config" / "compare" / f"{name}.yaml" for name in ("internvit", "swin")]
+    plans = compare.make_plans(configs, [], tmp_path)
+    assert [p.requested_encoder for p in plans] == ["internvit", "swin"]
+    assert compare.budget_differences(plans) == []
+    assert plans[0].run_dir == tmp_path / "runs" / "internvit"
+    assert f"output_dir={tmp_path / 'runs' / 'internvit'}" in plans[0].overrides
+
+
+def test_budget_differences_name_a_changed_epoch_count(tmp_path: Path) -> None:
+    swin, internvit = (ROOT / "config" / "compare" / f"{n}.yaml" for n in ("swin", "internvit"))
+    plans = compare.make_plans([swin], [], tmp_path) + compare.make_plans([internvit], ["train.stages.1.epochs=9"],
+                                                                          tmp_path)
+    diffs = compare.budget_differences(plans)
+    assert len(diffs) == 1 and diffs[0].startswith("train.stages.1.epochs:") and "internvit=9" in diffs[0]
+
+
+def test_main_refuses_an_unfair_comparison(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    other = tmp_path / "other.yaml"
+    other.write_text(f"base: {ROOT / 'config' / 'compare' / 'swin.yaml'}\nseed: 1\n")
+    code = compare.main(["--configs", str(ROOT / "config" / "compare" / "swin.yaml"), str(other),
+                         "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "seed: swin=0, other=1" in capsys.readouterr().err
+
+
+def test_every_registered_encoder_has_a_compare_config() -> None:
+    from models.encoders import encoder_names
+    names = {p.stem for p in compare.default_configs()}
+    assert set(encoder_names()) <= names
+
+
+def test_trained_images_count_epochs_and_max_steps(tmp_path: Path) -> None:
+    config = compare.make_plans([ROOT / "config" / "compare" / "swin.yaml"], ["train.stages.0.max_steps=2"],
+                                tmp_path)[0].config
+    assert compare.trained_images(config, num_train=100) == 2 * 16 + 3 * 100
+
+
+# ---------------------------------------------------------------------------------------- tokens
+SMALL_MATCHED = {"internvit": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                   patch_size=[14, 14], use_mean_pooling=True),
+                 "swinv2": dict(patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=7,
+                                mlp_ratio=2.0, drop_path_rate=0.0)}
+
+
+@pytest.mark.parametrize("encoder", sorted(SMALL_MATCHED))
+def test_model_token_column_agrees_with_num_image_tokens(tiny_checkpoints: dict[str, Path], encoder: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(benchmark.MATCHED_CONFIGS, encoder, SMALL_MATCHED[encoder])
+    size = (224, 224)
+    row = benchmark.measure_model(encoder, size, batch=1, repeats=1, device=torch.device("cpu"),
+                                  language_checkpoint=tiny_checkpoints["internvl2"])
+    model = benchmark.build_matched_model(encoder, size, tiny_checkpoints["internvl2"])
+    assert row.visual_tokens == model.num_image_tokens(size)
+    assert row.visual_tokens == (64 if encoder == "internvit" else 28 * 28)  # 16x16 ViT grid, 2x2 shuffle
+
+
+def test_measure_export_tokens_equal_num_image_tokens(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from PIL import Image
+    model = build_model(make_config(tiny_checkpoints, "swin").model)
+    folder = model.save_pretrained(tmp_path / "export")
+    (tmp_path / "img").mkdir()
+    rows = ["file_name,label"]
+    for i in range(3):
+        Image.new("RGB", (300, 260), (i * 60, 100, 200)).save(tmp_path / "img" / f"{i}.png")
+        rows.append(f"{i}.png,{i}")
+    (tmp_path / "img" / "metadata.csv").write_text("\n".join(rows) + "\n")
+    result = compare.measure_export(folder, str(tmp_path / "img" / "metadata.csv"), batch_size=2, latency_images=2,
+                                    device="cpu")
+    assert result["visual_tokens"] == model.num_image_tokens() == 49
+    assert result["encoder"] == "swin" and result["requested_encoder"] == "swin"
+    assert result["test"]["num_samples"] == 3 and 0.0 <= result["test"]["ece"] <= 1.0
+    assert result["total_parameters"] == sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------- benchmark
+def test_parse_size() -> None:
+    assert benchmark.parse_size("448") == (448, 448)
+    assert benchmark.parse_size("1344x448") == (1344, 448)
+    assert benchmark.size_label((1344, 448)) == "1344x448"
+
+
+def test_growth_is_relative_to_each_encoders_first_row() -> None:
+    rows = [benchmark.EncoderRow("a", "224", 224, 224, 0.05, 49, 1.0, 2.0, 10.0, None),
+            benchmark.EncoderRow("a", "448", 448, 448, 0.2, 196, 1.0, 8.0, 50.0, None)]
+    benchmark.add_growth(rows)
+    assert rows[1].pixels_x == pytest.approx(4.0) and rows[1].time_x == pytest.approx(5.0)
+    assert rows[1].flops_x == pytest.approx(4.0) and rows[0].time_x == 1.0
+
+
+def test_cpu_attention_flops_are_counted() -> None:
+    q = torch.randn(1, 2, 16, 8)
+    flops = benchmark.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert flops == 2 * 2 * 16 * 16 * (8 + 8)
+
+
+def test_every_registered_encoder_is_benchmarked_or_named_as_skipped() -> None:
+    names, notes = benchmark.select_encoders(None)
+    from models.encoders import encoder_names
+    assert set(names) | {n.split(":")[0] for n in notes} == set(encoder_names())
+
+
+def test_benchmark_runs_one_tiny_case_and_writes_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    small = dict(benchmark.MATCHED_CONFIGS["swinv2"], embed_dim=8, depths=[1, 1], num_heads=[1, 1])
+    monkeypatch.setitem(benchmark.MATCHED_CONFIGS, "swinv2", small)
+    out = tmp_path / "bench.json"
+    threads = torch.get_num_threads()
+    try:
+        assert benchmark.main(["--encoders", "swinv2", "--sizes", "64", "--repeats", "1", "--model-sizes", "64",
+                               "--model-batch", "1", "--json", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    report = json.loads(out.read_text())
+    assert set(report) >= {"command", "before", "after", "encoders", "model", "matched_configs", "notes"}
+    (enc,), (whole,) = report["encoders"], report["model"]
+    assert set(enc) == {"encoder", "input", "height", "width", "megapixels", "tokens", "params_m", "gflops",
+                        "forward_ms", "peak_mib", "pixels_x", "time_x", "flops_x"}
+    assert enc["encoder"] == "swinv2" and enc["tokens"] == 8 * 8 and enc["gflops"] > 0
+    assert set(whole) == {"encoder", "input", "visual_tokens", "batch", "train_step_ms", "train_images_per_s",
+                          "infer_images_per_s", "train_peak_mib", "infer_peak_mib"}
+    assert whole["visual_tokens"] == 8 * 8  # 64 px / patch 4 = 16, one merge -> 8 x 8, no pixel shuffle
+    printed = capsys.readouterr().out
+    assert "| swinv2 | 64 | 64 |" in printed and "load average" in printed
