@@ -35,6 +35,21 @@ class CrossAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, d))
 
 
+class TanhGate(nn.Module):
+    """Scales a residual branch by tanh(alpha); alpha starts at 0, so the branch starts closed.
+
+    A module of its own so the gates form an exact parameter group (`fusion.gates`) that a stage can
+    give its own learning rate: a closed gate opens only as fast as its LR lets it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.alpha) * x
+
+
 class GatedCrossAttentionBlock(nn.Module):
     """x + tanh(g_attn) * attn(LN(x), LN(img)); then x + tanh(g_mlp) * MLP(LN(x)); gates start at 0."""
 
@@ -43,16 +58,16 @@ class GatedCrossAttentionBlock(nn.Module):
         self.norm_q = nn.LayerNorm(dim)
         self.norm_kv = nn.LayerNorm(dim)
         self.attn = CrossAttention(dim, num_heads, dropout)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.attn_gate = TanhGate()
         self.norm_mlp = nn.LayerNorm(dim)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
-        self.mlp_gate = nn.Parameter(torch.zeros(1))
+        self.mlp_gate = TanhGate()
 
     def forward(self, x: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """x (B, T, D) text states, image_tokens (B, N, D) -> (B, T, D)."""
-        x = x + torch.tanh(self.attn_gate) * self.attn(self.norm_q(x), self.norm_kv(image_tokens))
-        return x + torch.tanh(self.mlp_gate) * self.mlp(self.norm_mlp(x))
+        x = x + self.attn_gate(self.attn(self.norm_q(x), self.norm_kv(image_tokens)))
+        return x + self.mlp_gate(self.mlp(self.norm_mlp(x)))
 
 
 class CrossAttentionFusion(nn.Module):

@@ -30,7 +30,7 @@ from transformers.utils import ModelOutput
 from config.loader import from_dict, to_dict
 from config.schema import ModelConfig
 from models.encoders import ImagePreprocessing, VisionEncoder, get_encoder_class
-from models.fusion import CrossAttentionFusion
+from models.fusion import CrossAttentionFusion, TanhGate
 from models.language import load_tokenizer
 from models.projector import VisionProjector
 
@@ -133,8 +133,9 @@ class InternVL2MultimodalModel(nn.Module):
         return ReceiptCounterOutput(loss=loss, logits=logits)
 
     def parameter_groups(self) -> dict[str, list[nn.Module]]:
-        """Named module sets for unfreezing: projector, fusion, head, language.all and vision.<group>."""
-        groups = {"projector": [self.projector], "fusion": [self.fusion], "head": [self.head],
+        """Named module sets for unfreezing: projector, fusion, fusion.gates, head, language.all, vision.<group>."""
+        gates = [m for m in self.fusion.modules() if isinstance(m, TanhGate)]
+        groups = {"projector": [self.projector], "fusion": [self.fusion], "fusion.gates": gates, "head": [self.head],
                   "language.all": [self.language]}
         groups.update({f"vision.{name}": modules for name, modules in self.vision.parameter_groups().items()})
         return groups

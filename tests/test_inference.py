@@ -27,8 +27,8 @@ def export_tiny_model(tiny: dict[str, Path], out: Path) -> Path:
     model = build_model(make_config(tiny, "swin").model).eval()
     with torch.no_grad():
         for block in model.fusion.blocks:
-            block.attn_gate.fill_(1.0)
-            block.mlp_gate.fill_(1.0)
+            block.attn_gate.alpha.fill_(1.0)
+            block.mlp_gate.alpha.fill_(1.0)
     return model.save_pretrained(out)
 
 

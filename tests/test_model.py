@@ -37,7 +37,7 @@ def test_per_sample_questions_change_the_text_path(tiny_checkpoints):
     model = build(tiny_checkpoints, "swin").eval()
     with torch.no_grad():  # open the gates so text and image both reach the head
         for block in model.fusion.blocks:
-            block.attn_gate.fill_(1.0)
+            block.attn_gate.alpha.fill_(1.0)
     x = torch.randn(2, 3, 224, 224)
     ids, mask = model.tokenize(["How many receipts?", None])
     default_ids, _ = model.tokenize([None, None])
@@ -60,8 +60,8 @@ def test_optimizer_steps_change_exactly_the_trainable_groups(name, groups, tiny_
     trainable = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():  # zero-init gates block the image path; open them as a first step would
         for block in model.fusion.blocks:
-            block.attn_gate.fill_(0.5)
-            block.mlp_gate.fill_(0.5)
+            block.attn_gate.alpha.fill_(0.5)
+            block.mlp_gate.alpha.fill_(0.5)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
     x, labels = torch.randn(2, 3, 224, 224), torch.tensor([0, 1])

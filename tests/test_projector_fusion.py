@@ -68,5 +68,5 @@ def test_gates_open_after_a_step_and_image_then_matters():
     text, image = torch.randn(2, 5, 16), torch.randn(2, 9, 16)
     fusion(text, image).pow(2).sum().backward()
     opt.step()
-    assert fusion.blocks[0].attn_gate.item() != 0.0
+    assert fusion.blocks[0].attn_gate.alpha.item() != 0.0
     assert not torch.allclose(fusion(text, image), fusion(text, torch.randn(2, 9, 16)))

@@ -109,7 +109,7 @@ def test_lora_export_matches_the_unmerged_model(tiny_checkpoints, tmp_path):
             for p in module.parameters():
                 p.normal_(0, 0.2)  # lora_B starts at zero; make the adapter matter
         for block in model.fusion.blocks:
-            block.attn_gate.fill_(1.0)
+            block.attn_gate.alpha.fill_(1.0)
     x = torch.randn(2, 3, 224, 224)
     expected = model(x).logits
     merge_lora(model.language)

@@ -33,6 +33,7 @@ class TrainingProgress:
     stage_stopped_early: bool = False
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch validation metrics
+    metric_lines: int = 0  # lines of RUN/metrics.jsonl that belong to this state
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -284,6 +284,7 @@ class Trainer:
         return target
 
     def _log_metrics(self, metrics: dict[str, Any]) -> None:
+        self.progress.metric_lines += 1
         if not self.accelerator.is_main_process:
             return
         logger.info("epoch done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()

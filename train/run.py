@@ -80,7 +80,7 @@ def _prepare_run_dir(accelerator: Accelerator, config: Config, run_dir: Path, re
     saved = run_dir / RESOLVED_CONFIG
     if resume and checkpoint is not None:
         _check_same_config(config, saved, allow_change)
-        _truncate_metrics(run_dir, read_progress(checkpoint).global_step, accelerator.is_main_process)
+        _truncate_metrics(run_dir, read_progress(checkpoint).metric_lines, accelerator.is_main_process)
     elif checkpoint is not None:
         raise SystemExit(f"{run_dir} already holds checkpoints ({checkpoint.name}): pass --resume to continue, "
                          f"or set output_dir to a new folder")
@@ -112,11 +112,11 @@ def _diff(old: object, new: object, path: str) -> list[str]:
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
-def _truncate_metrics(run_dir: Path, step: int, is_main: bool) -> None:
-    """Drop metric lines written after the checkpoint by the run that was killed."""
+def _truncate_metrics(run_dir: Path, keep: int, is_main: bool) -> None:
+    """Drop the metric lines written after the checkpoint by the run that was killed."""
     path = run_dir / "metrics.jsonl"
     if is_main and path.exists():
-        lines = [line for line in path.read_text().splitlines() if json.loads(line)["global_step"] <= step]
+        lines = path.read_text().splitlines()[:keep]
         path.write_text("".join(line + "\n" for line in lines))
 
 
