@@ -49,7 +49,7 @@ def _background(rng: random.Random, size: int) -> Image.Image:
     base = _surface_colour(rng)
     scene = Image.new("RGB", (size, size), base)
     grain = 3 if kind == "table" else 1
-    return ImageChops.multiply(scene, _noise_field(rng, size, cells=rng.randint(2, 6), low=0.82, blur=grain))
+    return ImageChops.multiply(scene, _noise_field(rng, size, cells=rng.randint(2, 6), low=0.82, grain=grain))
 
 
 def _surface_colour(rng: random.Random) -> tuple[int, int, int]:
@@ -90,14 +90,15 @@ def _scanner_bed(rng: random.Random, size: int) -> Image.Image:
     return Image.new("RGB", (size, size), (v, v, v + rng.randint(0, 6)))
 
 
-def _noise_field(rng: random.Random, size: int, cells: int, low: float, blur: float) -> Image.Image:
-    """RGB multiply map: smooth blotches (cells per side) plus fine texture, values in [low, 1]."""
+def _noise_field(rng: random.Random, size: int, cells: int, low: float, grain: float) -> Image.Image:
+    """RGB multiply map: smooth blotches (cells per side) plus a texture of `grain` px, values in [low, 1]."""
     coarse = Image.new("L", (cells, cells))
     coarse.putdata([round(255 * rng.uniform(low, 1.0)) for _ in range(cells * cells)])
     field = coarse.resize((size, size), Image.Resampling.BICUBIC)
     # Fine texture drawn at a fraction of the size: upscaling smooths it as a blur would, for less.
-    small = max(8, round(size / (1 + blur)))
-    fine = _uniform_noise(rng, (small, small), 220, 255, channels=1).resize((size, size), Image.Resampling.BILINEAR)
+    small = max(8, round(size / (1 + grain)))
+    fine = _uniform_noise(rng, (small, small), 220, 255, channels=1)
+    fine = fine.resize((size, size), Image.Resampling.BILINEAR)
     return Image.merge("RGB", [ImageChops.multiply(field, fine)] * 3)
 
 
@@ -141,30 +142,29 @@ def _place_side_document(rng: random.Random, scene: Image.Image, scan: bool,
 
 def _place_receipts(rng: random.Random, scene: Image.Image, scan: bool, light: tuple[float, float],
                     count: int, free: tuple[float, float]) -> None:
-    """Receipts spread over the free band, overlapping little; sometimes two stapled together."""
-    size = scene.width
-    band = free[1] - free[0]
-    width_cap = 0.85 * band / count
+    """Receipts spread over the free band (x range), overlapping little."""
+    placed: list[Box] = []
+    overlap_ok = 0.2 if rng.random() < 0.2 else 0.06
+    for sheet in _receipt_sheets(rng, scene.width, count, free[1] - free[0]):
+        sheet = _rotate(rng, sheet, spread=4 if scan else 18, sideways=count <= 2 and rng.random() < 0.1)
+        box = _choose_position(rng, sheet.size, free, scene.width, placed, overlap_ok)
+        placed.append(box)
+        _paste(rng, scene, sheet, box[:2], scan, light)
+
+
+def _receipt_sheets(rng: random.Random, size: int, count: int, band: float) -> list[Image.Image]:
+    """`count` receipts sized for the scene; sometimes two stapled into one sheet, or a lone staple."""
     # One camera distance per scene; paper rolls differ in width (57-80 mm) by about this much.
     close_up = count == 1 and rng.random() < 0.2
     scale = size * (rng.uniform(0.18, 0.25) if close_up else rng.uniform(0.12, 0.16))
-    widths = [scale * rng.uniform(0.85, 1.1) for _ in range(count)]
-    strips = [render_receipt(rng, round(min(width, width_cap))) for width in widths]
-    strips = [_fit_length(s, size) for s in strips]
-    objects = []
+    width_cap = 0.85 * band / count
+    strips = [_fit_length(render_receipt(rng, round(min(scale * rng.uniform(0.85, 1.1), width_cap))), size)
+              for _ in range(count)]
     if count >= 2 and rng.random() < 0.12:
-        objects.append(staple_pair(rng, strips.pop(), strips.pop()))
-    elif rng.random() < 0.1:
+        return [staple_pair(rng, strips.pop(), strips.pop())] + strips
+    if rng.random() < 0.1:
         _staple_corner(rng, strips[0])
-    objects += strips
-    placed: list[Box] = []
-    overlap_ok = 0.2 if rng.random() < 0.2 else 0.06
-    spread = 4 if scan else 18
-    for obj in objects:
-        obj = _rotate(rng, obj, spread=spread, sideways=count <= 2 and rng.random() < 0.1)
-        box = _choose_position(rng, obj.size, free, size, placed, overlap_ok)
-        placed.append(box)
-        _paste(rng, scene, obj, box[:2], scan, light)
+    return strips
 
 
 def _fit_length(strip: Image.Image, size: int) -> Image.Image:
