@@ -88,20 +88,21 @@ def _decode(path: Path, max_image_pixels: int) -> Image.Image:
         raise BadImageError(path, f"decompression bomb refused ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise BadImageError(path, "not an image (unrecognised or corrupt header)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise BadImageError(path, f"unreadable image header ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 -- any failure parsing untrusted bytes means a bad file
+        raise BadImageError(path, f"unreadable image header ({type(exc).__name__}: {exc})") from exc
     width, height = image.size
     if width * height > max_image_pixels:
         image.close()
         raise BadImageError(path, f"decompression bomb refused: {width}x{height} = {width * height} pixels "
                                   f"exceeds max_image_pixels={max_image_pixels}")
     if width == 0 or height == 0:
+        image.close()
         raise BadImageError(path, f"zero-sized image ({width}x{height})")
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- decoders raise OSError, ValueError, struct.error, ...
         image.close()
-        raise BadImageError(path, f"truncated or corrupt image data ({exc})") from exc
+        raise BadImageError(path, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
     return image
 
 
