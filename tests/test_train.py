@@ -77,6 +77,16 @@ def test_frozen_parameters_stay_bit_identical(tiny_checkpoints, receipts, tmp_pa
     assert not torch.equal(trained["head.2.weight"], initial.state_dict()["head.2.weight"])
 
 
+def test_gradient_accumulation_counts_optimizer_steps(tiny_checkpoints, receipts, tmp_path):
+    out = tmp_path / "run"
+    stage = "train.stages=[{name: a, epochs: 2, lr: 0.001, grad_accum_steps: 2, trainable: [head]}]"
+    assert main(run_args(tiny_checkpoints, receipts, out, stage)) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 12 images, batch 4: 3 micro-batches an epoch -> 2 optimizer steps (the last one flushes)
+    assert [m["global_step"] for m in lines] == [2, 4]
+    assert lines[-1]["lr"] == pytest.approx(0.0)  # the cosine schedule ends exactly at the last step
+
+
 def test_stage_groups_are_checked(tiny_checkpoints):
     model = build_model(make_config(tiny_checkpoints, "swin").model)
     groups = model.parameter_groups()

@@ -194,7 +194,8 @@ class Trainer:
             if acc.sync_gradients and run.config.max_grad_norm is not None:
                 acc.clip_grad_norm_([t.param for t in run.trainable], run.config.max_grad_norm)
             run.optimizer.step()
-            run.scheduler.step()
+            if acc.sync_gradients and not acc.optimizer_step_was_skipped:  # the schedule counts optimizer steps
+                run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
         return torch.stack([loss.detach() * size, torch.tensor(float(size), device=acc.device)])
 
