@@ -58,6 +58,7 @@ def test_full_run_writes_manifests_metrics_and_exports(tiny_checkpoints, receipt
     results = json.loads((out / "results.json").read_text())
     assert results["test"]["samples"] == 6 and results["encoder"] == "swinv2"
     assert len(list_checkpoints(out)) == 2  # keep_last_checkpoints
+    assert all((c / "config.yaml").read_text() == (out / "config.yaml").read_text() for c in list_checkpoints(out))
     final = InternVL2MultimodalModel.from_pretrained(out / "final")  # LoRA merged: a plain model loads
     assert not has_lora(final) and final.config.vision.encoder == "swinv2"
     assert (out / "best" / "config.json").is_file() and (out / "final" / "run_config.yaml").is_file()

@@ -16,6 +16,7 @@ from typing import Any
 from accelerate import Accelerator
 
 PREFIX = "step-"
+RESOLVED_CONFIG = "config.yaml"  # RUN/config.yaml, copied into every checkpoint
 
 
 @dataclass
@@ -80,6 +81,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingP
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(json.dumps(progress.state_dict(), indent=1))
+        shutil.copy2(run_dir / RESOLVED_CONFIG, tmp / RESOLVED_CONFIG)  # the config this state belongs to
         if final.exists():  # the same step saved again (an epoch end right after a periodic save)
             shutil.rmtree(final)
         tmp.rename(final)

@@ -21,13 +21,11 @@ from transformers.utils import logging as hf_logging
 from config import Config, load_config, save_config, to_dict
 from config.loader import ConfigError
 from models.build import build_model
-from train.checkpoints import latest_checkpoint, read_progress, remove_stale_temporaries
+from train.checkpoints import RESOLVED_CONFIG, latest_checkpoint, read_progress, remove_stale_temporaries
 from train.data import build_datasets
 from train.loop import Trainer
 
 logger = logging.getLogger("train")
-
-RESOLVED_CONFIG = "config.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
