@@ -23,7 +23,7 @@ Public API:
 Config wiring: `data.augment` -> `augment=AugmentConfig() if augment else None`,
 `data.on_bad_image` -> `on_bad_image`, `data.max_image_pixels` -> `max_image_pixels`,
 `data.batch_size` / `data.num_workers` -> `make_dataloader`. A record's question of None means the
-caller substitutes `data.question`.
+caller substitutes the model's default question (`model.language.question`).
 """
 
 from __future__ import annotations
