@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from models.encoders.base import EncoderUnavailableError
+from models.encoders.base import EncoderUnavailableError, ImagePreprocessing, VisionEncoder
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
@@ -65,3 +65,25 @@ def make_config(config_class: type[PretrainedConfig], fields: dict[str, Any], en
         return config_class(**fields)
     except (TypeError, ValueError, StrictDataclassError) as e:
         raise EncoderUnavailableError(f"encoder {encoder!r}: bad {config_class.__name__}: {e}") from e
+
+
+class HFBackboneEncoder(VisionEncoder):
+    """An adapter around a transformers `PreTrainedModel` held as `self.backbone`."""
+
+    def __init__(self, backbone: PreTrainedModel, preprocessing: ImagePreprocessing) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._preprocessing = preprocessing
+
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return self._preprocessing
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        return self.backbone.config.to_dict()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.backbone.activation_checkpointing_enable()
+        else:
+            self.backbone.activation_checkpointing_disable()

@@ -13,18 +13,13 @@ import torch
 from torch import nn
 from transformers import InternVLModel, InternVLVisionConfig, InternVLVisionModel
 
-from models.encoders.base import (EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing,
-                                  VisionEncoder)
-from models.encoders.hf_loading import make_config, read_config_dict, read_image_stats
+from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing
+from models.encoders.hf_loading import HFBackboneEncoder, make_config, read_config_dict, read_image_stats
 
 
-class InternViTEncoder(VisionEncoder):
+class InternViTEncoder(HFBackboneEncoder):
     name = "internvit"
 
-    def __init__(self, backbone: InternVLVisionModel, preprocessing: ImagePreprocessing) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self._preprocessing = preprocessing
 
     @classmethod
     def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
@@ -49,9 +44,6 @@ class InternViTEncoder(VisionEncoder):
     def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "InternViTEncoder":
         return cls(InternVLVisionModel(InternVLVisionConfig.from_dict(hf_config)), preprocessing)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        return self.backbone.config.to_dict()
-
     @property
     def feature_info(self) -> list[FeatureInfo]:
         cfg = self.backbone.config
@@ -60,10 +52,6 @@ class InternViTEncoder(VisionEncoder):
     def grid_size(self, image_size: tuple[int, int], stage: int = -1) -> tuple[int, int]:
         ph, pw = self.backbone.config.patch_size
         return image_size[0] // ph, image_size[1] // pw  # a stride-p conv: the remainder is cut off
-
-    @property
-    def preprocessing(self) -> ImagePreprocessing:
-        return self._preprocessing
 
     def parameter_groups(self) -> dict[str, list[nn.Module]]:
         layers = self.backbone.encoder.layer
@@ -82,12 +70,6 @@ class InternViTEncoder(VisionEncoder):
     @property
     def lora_target_modules(self) -> list[str]:
         return ["q_proj", "k_proj", "v_proj", "projection_layer", "mlp.fc1", "mlp.fc2"]
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.backbone.activation_checkpointing_enable()
-        else:
-            self.backbone.activation_checkpointing_disable()
 
     def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
         """(B, 3, H, W) -> patch tokens (B, (H/p)*(W/p), C); the CLS token is dropped."""

@@ -14,12 +14,11 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, SwinConfig, SwinModel, Swinv2Config, Swinv2Model
 
-from models.encoders.base import (EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing,
-                                  VisionEncoder)
-from models.encoders.hf_loading import make_config, read_config_dict, read_image_stats
+from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing
+from models.encoders.hf_loading import HFBackboneEncoder, make_config, read_config_dict, read_image_stats
 
 
-class _HFSwinFamilyEncoder(VisionEncoder):
+class _HFSwinFamilyEncoder(HFBackboneEncoder):
     """Shared adapter for the transformers Swin family (same module layout in v1 and v2)."""
 
     config_class: ClassVar[type[PretrainedConfig]]
@@ -27,10 +26,6 @@ class _HFSwinFamilyEncoder(VisionEncoder):
     model_types: ClassVar[tuple[str, ...]]
     lora_targets: ClassVar[tuple[str, ...]]  # attention and MLP Linear names, as transformers names them
 
-    def __init__(self, backbone: PreTrainedModel, preprocessing: ImagePreprocessing) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self._preprocessing = preprocessing
 
     @classmethod
     def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
@@ -61,9 +56,6 @@ class _HFSwinFamilyEncoder(VisionEncoder):
     def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "_HFSwinFamilyEncoder":
         return cls(cls.model_class(cls.config_class.from_dict(hf_config), add_pooling_layer=False), preprocessing)
 
-    def hf_config_dict(self) -> dict[str, Any]:
-        return self.backbone.config.to_dict()
-
     @property
     def feature_info(self) -> list[FeatureInfo]:
         cfg = self.backbone.config
@@ -76,10 +68,6 @@ class _HFSwinFamilyEncoder(VisionEncoder):
         for _ in range(stage % len(self.feature_info)):
             h, w = (h + 1) // 2, (w + 1) // 2  # patch merging pads odd sizes
         return h, w
-
-    @property
-    def preprocessing(self) -> ImagePreprocessing:
-        return self._preprocessing
 
     def parameter_groups(self) -> dict[str, list[nn.Module]]:
         layers = self.backbone.encoder.layers
@@ -99,12 +87,6 @@ class _HFSwinFamilyEncoder(VisionEncoder):
     @property
     def lora_target_modules(self) -> list[str]:
         return list(self.lora_targets)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.backbone.activation_checkpointing_enable()
-        else:
-            self.backbone.activation_checkpointing_disable()
 
     def check_input_size(self, image_size: tuple[int, int]) -> None:
         """Raise ValueError if the backbone cannot run on (height, width); every size works by default."""
