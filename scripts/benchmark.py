@@ -357,23 +357,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def run_encoders(names: list[str], args: argparse.Namespace, device: torch.device) -> list[EncoderRow]:
+def run_encoders(names: list[str], args: argparse.Namespace, device: torch.device, notes: list[str]
+                 ) -> list[EncoderRow]:
+    """Every (encoder, size) case; a size an encoder refuses (swin below its window) becomes a note."""
     rows = []
     for name in names:
         for size in args.sizes:
-            rows.append(measure_encoder(name, size, args.batch, args.repeats, device))
+            try:
+                rows.append(measure_encoder(name, size, args.batch, args.repeats, device))
+            except ValueError as e:
+                notes.append(f"{name} at {size_label(size)}: skipped, {e}")
+                continue
             print(f"  {name} {size_label(size)}: {rows[-1].forward_ms:.1f} ms", file=sys.stderr, flush=True)
     add_growth(rows)
     return rows
 
 
-def run_models(names: list[str], args: argparse.Namespace, device: torch.device) -> list[ModelRow]:
+def run_models(names: list[str], args: argparse.Namespace, device: torch.device, notes: list[str]
+               ) -> list[ModelRow]:
+    """Every (encoder, size) whole-model case, on the tiny InternVL2 LLM written to a temporary folder."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         language = write_tiny_checkpoints(Path(tmp), seed=0)["internvl2"]
         for name in names:
             for size in args.model_sizes:
-                rows.append(measure_model(name, size, args.model_batch, args.repeats, device, language))
+                try:
+                    rows.append(measure_model(name, size, args.model_batch, args.repeats, device, language))
+                except ValueError as e:
+                    notes.append(f"model with {name} at {size_label(size)}: skipped, {e}")
+                    continue
                 print(f"  model {name} {size_label(size)}: {rows[-1].train_step_ms:.0f} ms/step",
                       file=sys.stderr, flush=True)
     return rows
@@ -391,8 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                               "before": machine_info(torch.get_num_threads()), "notes": notes,
                               "encoder_batch": args.batch, "repeats": args.repeats,
                               "matched_configs": {n: MATCHED_CONFIGS[n] for n in names}}
-    encoders = [] if args.no_encoders else run_encoders(names, args, device)
-    models = [] if args.no_model else run_models(names, args, device)
+    encoders = [] if args.no_encoders else run_encoders(names, args, device, notes)
+    models = [] if args.no_model else run_models(names, args, device, notes)
     report.update(after=machine_info(torch.get_num_threads()), encoders=[asdict(r) for r in encoders],
                   model=[asdict(r) for r in models])
     print(render(report, encoders, models))

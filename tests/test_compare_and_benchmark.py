@@ -219,3 +219,13 @@ def test_benchmark_runs_one_tiny_case_and_writes_json(tmp_path: Path, monkeypatc
     assert whole["visual_tokens"] == 8 * 8  # 64 px / patch 4 = 16, one merge -> 8 x 8, no pixel shuffle
     printed = capsys.readouterr().out
     assert "| swinv2 | 64 | 64 |" in printed and "load average" in printed
+
+
+def test_a_size_swin_refuses_becomes_a_note(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    threads = torch.get_num_threads()
+    try:
+        assert benchmark.main(["--encoders", "swin", "--sizes", "64", "--repeats", "1", "--no-model"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "note: swin at 64: skipped" in printed and "window_size" in printed
