@@ -35,7 +35,7 @@ Columns (the JSON holds more, e.g. per-stage trainable counts and the training r
 Children run with OMP_NUM_THREADS/MKL_NUM_THREADS=--threads (default 1: on 2 shared cores two torch
 threads spin against other processes and run many times slower). Writes OUT/compare.md and
 OUT/compare.json, and prints the table. Exit status: 0 when every run finished on its own encoder,
-1 when any run failed or fell back, 2 on a config problem.
+1 when any run failed, fell back or was skipped (encoder not registered), 2 on a config problem.
 """
 
 from __future__ import annotations
