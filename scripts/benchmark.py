@@ -86,9 +86,12 @@ M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
 # ------------------------------------------------------------------------------------------ tables
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table; floats are printed as given (format them before), None as an en dash."""
+    """A Markdown table; floats are printed as given (format them before), None as an en dash.
+
+    Line breaks inside a value become spaces and "|" is escaped, so a row always stays one row.
+    """
     def cell(value: Any) -> str:
-        return "–" if value is None else str(value).replace("|", "\\|")
+        return "–" if value is None else " ".join(str(value).split()).replace("|", "\\|")
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]

@@ -278,6 +278,14 @@ HEADERS = ["config", "encoder used", "test acc", "macro-F1", "ECE", "trainable p
            "infer peak RSS MiB", "run wall s"]
 
 
+MAX_CELL = 120  # characters of a fallback cause shown in the table; the warning and the JSON hold all
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _count(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
@@ -286,7 +294,7 @@ def table_cells(row: dict[str, Any]) -> list[Any]:
     """A row's cells in HEADERS order; a fallback's encoder cell says so in bold, a failure fills the row."""
     if row["status"] != "ok":
         return [row["config"], f"**{row['status']}**"] + [None] * (len(HEADERS) - 2)
-    encoder = f"**{row['fallback']}**" if row["fallback"] else row["encoder"]
+    encoder = f"**{_clip(row['fallback'], MAX_CELL)}**" if row["fallback"] else row["encoder"]
     return [row["config"], encoder, f"{row['test_accuracy']:.3f}", f"{row['test_macro_f1']:.3f}",
             f"{row['test_ece']:.3f}", _count(row["trainable_parameters"]), _count(row["total_parameters"]),
             row["visual_tokens"], f"{row['train_images_per_s']:.1f}", f"{row['infer_images_per_s']:.1f}",
@@ -299,7 +307,7 @@ def render(rows: list[dict[str, Any]]) -> str:
     text = markdown_table(HEADERS, [table_cells(r) for r in rows])
     for row in rows:
         if row["fallback"]:
-            text += (f"\n\n**WARNING: {row['config']} is a FALLBACK run: {row['fallback']}. "
+            text += (f"\n\n**WARNING: {row['config']} did not run its encoder. {' '.join(row['fallback'].split())}. "
                      f"Its numbers are {row['encoder']} numbers, not {row['requested_encoder']} ones.**")
         elif row["status"] != "ok":
             text += f"\n\n**WARNING: {row['config']}: {row['status']}.**"

@@ -48,6 +48,7 @@ def test_markdown_table_shape_and_escaping() -> None:
     assert lines[1] == "|---|---|"
     assert lines[2] == "| 1 | – |"
     assert lines[3] == "| x\\|y | 2.5 |"
+    assert benchmark.markdown_table(["a"], [["two\nlines"]]).splitlines()[2] == "| two lines |"
 
 
 def test_compare_row_cells_follow_headers() -> None:
@@ -90,7 +91,18 @@ def test_fallback_row_is_marked_loudly_in_table_and_warning() -> None:
     text = compare.render([row])
     table_line = next(line for line in text.splitlines() if line.startswith("| swin"))
     assert "**FALLBACK: ran 'internvit'" in table_line
-    assert "WARNING: swin is a FALLBACK run" in text and "not swin ones" in text
+    assert "WARNING: swin did not run its encoder. FALLBACK: ran 'internvit'" in text and "not swin ones" in text
+
+
+def test_a_long_multiline_fallback_cause_keeps_the_row_on_one_line() -> None:
+    cause = "cannot read checkpoints/x: We couldn't connect.\nCheck your internet connection " + "x" * 300
+    row = ok_row(encoder="internvit", fallback=compare.fallback_note("swin", {"encoder": "internvit",
+                                                                             "fallback_cause": cause}))
+    lines = compare.render([row]).splitlines()
+    (table_line,) = [line for line in lines if line.startswith("| swin")]
+    assert table_line.count("|") == len(compare.HEADERS) + 1 and "…" in table_line
+    warning = next(line for line in lines if line.startswith("**WARNING"))
+    assert "Check your internet connection" in warning and "x" * 300 in warning
 
 
 # ---------------------------------------------------------------------------------------- budget
