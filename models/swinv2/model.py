@@ -234,6 +234,55 @@ def stage_window_and_shift(resolution: tuple[int, int], window: int) -> tuple[in
     return window, window // 2
 
 
+def window_token_index(height: int, width: int, window: int, shift: int) -> tuple[Tensor, Tensor]:
+    """Flat-token indices that pad, roll and window-partition a map in one gather.
+
+    transformers pads the (height, width) map at the bottom/right to a window multiple, rolls it by
+    -shift on both axes, then partitions it. Here that whole chain is one index.
+
+    Returns:
+        gather: (Hp * Wp,) for every token in window order, its flat index in the (height * width)
+            map, or height * width (an appended zero row) for padding.
+        scatter: (height * width,) for every map token, its position in window order.
+    """
+    hp, wp = height + (-height) % window, width + (-width) % window
+    rows = (torch.arange(hp) + shift) % hp  # torch.roll(x, -shift)[i] == x[(i + shift) % n]
+    cols = (torch.arange(wp) + shift) % wp
+    inside = (rows[:, None] < height) & (cols[None, :] < width)
+    source = torch.where(inside, rows[:, None] * width + cols[None, :], height * width)
+    gather = window_partition(source.view(1, hp, wp, 1), window).flatten()
+    scatter = torch.empty(height * width + 1, dtype=torch.long)
+    scatter[gather] = torch.arange(gather.numel())
+    return gather, scatter[: height * width]
+
+
+def _select_tokens(x: Tensor, index: Tensor, zero_row: bool) -> Tensor:
+    """(B, T, C) -> (B, len(index), C); index T (when `zero_row`) reads zeros."""
+    if zero_row:
+        x = torch.cat((x, x.new_zeros(x.shape[0], 1, x.shape[2])), dim=1)
+    return x.index_select(1, index)
+
+
+class _PermuteTokens(torch.autograd.Function):
+    """`_select_tokens` whose backward is the adjoint gather (every source token is read once).
+
+    Both directions are plain gathers, which are far cheaper on CPU than the scatter-add that
+    autograd would otherwise derive, and than roll + pad + reshape copies.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, index: Tensor, inverse: Tensor, zero_row: bool, inverse_zero_row: bool) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.inverse_zero_row = inverse_zero_row
+        return _select_tokens(x, index, zero_row)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        (inverse,) = ctx.saved_tensors
+        return _select_tokens(grad.contiguous(), inverse, ctx.inverse_zero_row), None, None, None, None
+
+
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability `prob`."""
     if prob == 0.0 or not training:
@@ -246,6 +295,48 @@ def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
+
+class _CpuFusedAttentionWithMaskGrad(torch.autograd.Function):
+    """SDPA's fused CPU kernels plus the attention-mask gradient they do not return.
+
+    On CPU, `F.scaled_dot_product_attention` with a mask that requires grad (our trainable position
+    bias) falls back to the unfused math path, which stores the (B, G, N, N) probabilities and two
+    scaled copies of q and k. Here the same fused forward / q,k,v-backward kernels that SDPA
+    dispatches to are called directly, and the mask gradient sum_b P * (dP - rowsum(dO * O)) is
+    recomputed in backward from the saved log-sum-exp. Inputs: q, k, v (B, G, N, d); mask (1, G, N, N).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, False, attn_mask=mask, scale=1.0)[:2]
+        ctx.save_for_backward(q, k, v, mask, out, lse)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        q, k, v, mask, out, lse = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=1.0)
+        probs = torch.matmul(q, k.transpose(-1, -2)).add_(mask).sub_(lse.unsqueeze(-1)).exp_()  # (B, G, N, N)
+        dscores = probs.mul_(torch.matmul(grad, v.transpose(-1, -2)).sub_((grad * out).sum(-1, keepdim=True)))
+        return dq, dk, dv, dscores.sum(0, keepdim=True).to(mask.dtype)
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout: float) -> Tensor:
+    """`F.scaled_dot_product_attention(q, k, v, mask, scale=1.0)`, fused on CPU even when `mask` needs grad.
+
+    Args:
+        q, k, v: (B, G, N, d).
+        mask: additive (1, G, N, N).
+        dropout: attention-probability dropout (only the math path supports it with a trainable mask).
+    """
+    if q.device.type == "cpu" and mask.requires_grad and torch.is_grad_enabled() and dropout == 0.0:
+        return _CpuFusedAttentionWithMaskGrad.apply(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
+
 
 class DropPath(nn.Module):
     """Module form of `drop_path` (per-sample stochastic depth)."""
@@ -330,19 +421,42 @@ class WindowAttention(nn.Module):
             (B, nW, N, C).
         """
         b, nw, n, c = x.shape
-        h = self.num_heads
-        q, k, v = self.qkv(x).view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, h, N, d)
+        h, d = self.num_heads, c // self.num_heads
+        qkv = self.qkv(x).view(b, nw, n, 3, h, d)
+        dropout = self.attn_drop if self.training else 0.0
+        if attn_mask.shape[1] == h:
+            # One mask for every window: windows are the batch. q, k, v stay token-major strided
+            # views (no transpose copies) and the fused kernel's output is token-major too.
+            q, k, v = self._cosine_qkv(qkv, dim_of_qkv=3).unbind(3)  # each (B, nW, N, h, d)
+            q, k, v = (t.reshape(b * nw, n, h, d).transpose(1, 2) for t in (q, k, v))
+            out = scaled_dot_product_attention(q, k, v, attn_mask, dropout).transpose(1, 2)  # (B*nW, N, h, d)
+        else:
+            # A mask per window: fold windows into the "heads" axis so the 4-D fused kernel broadcasts
+            # one (1, nW * h, N, N) mask over the batch instead of materialising B copies of it.
+            # That needs q, k, v head-major, which the normalising multiply writes directly.
+            q, k, v = self._cosine_qkv(qkv.permute(3, 0, 1, 4, 2, 5), dim_of_qkv=0).unbind(0)  # (B, nW, h, N, d)
+            q, k, v = (t.view(b, nw * h, n, d) for t in (q, k, v))
+            out = scaled_dot_product_attention(q, k, v, attn_mask, dropout)
+            out = out.view(b, nw, h, n, d).transpose(2, 3)
+        return self.proj_drop(self.proj(out.reshape(b, nw, n, c)))
+
+    def _cosine_qkv(self, qkv: Tensor, dim_of_qkv: int) -> Tensor:
+        """Scaled cosine attention inputs in one multiply: q / |q| * logit scale, k / |k|, v.
+
+        Args:
+            qkv: q, k, v stacked along `dim_of_qkv` (size 3), heads on dim -2 or -3, head dim last.
+            dim_of_qkv: 3 for token-major (B, nW, N, 3, h, d); 0 for head-major (3, B, nW, h, N, d).
+
+        Returns:
+            Same shape, laid out like the broadcast factors, i.e. contiguous in `qkv`'s logical order.
+        """
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (h, 1, 1)
-        q = F.normalize(q, dim=-1) * scale
-        k = F.normalize(k, dim=-1)
-        # Windows share the mask across the batch: fold them into the "heads" axis so the 4-D fused
-        # kernel broadcasts one mask over B instead of materialising B copies of it.
-        groups = h if attn_mask.shape[1] == h else nw * h
-        out = F.scaled_dot_product_attention(
-            q.reshape(-1, groups, n, c // h), k.reshape(-1, groups, n, c // h), v.reshape(-1, groups, n, c // h),
-            attn_mask=attn_mask, dropout_p=self.attn_drop if self.training else 0.0, scale=1.0)
-        out = out.view(b, nw, h, n, c // h).transpose(2, 3).reshape(b, nw, n, c)
-        return self.proj_drop(self.proj(out))
+        if dim_of_qkv == 3:
+            scale = scale.view(-1, 1)  # heads sit on dim -2 in token-major order
+        inv_norm = qkv.norm(dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+        q_inv, k_inv, v_inv = inv_norm.split(1, dim=dim_of_qkv)
+        factors = torch.cat((q_inv * scale, k_inv, torch.ones_like(v_inv)), dim=dim_of_qkv)
+        return factors * qkv
 
 
 class Mlp(nn.Module):
@@ -385,6 +499,7 @@ class SwinV2Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.drop_path = DropPath(drop_path_prob)
         self._shift_masks: dict[tuple, Tensor] = {}
+        self._token_indices: dict[tuple, tuple[Tensor, Tensor]] = {}
         self._mask_cache: dict[tuple, Tensor] = {}
 
     # -- masks ---------------------------------------------------------------------------------
@@ -425,20 +540,27 @@ class SwinV2Block(nn.Module):
         return mask
 
     # -- forward -------------------------------------------------------------------------------
+    def _token_index(self, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Cached `window_token_index` for this block's window and shift (no weights involved)."""
+        key = (height, width, device)
+        if key not in self._token_indices:
+            gather, scatter = window_token_index(height, width, self.window, self.shift)
+            self._token_indices = {key: (gather.to(device), scatter.to(device))}
+        return self._token_indices[key]
+
     def _shifted_window_attention(self, x: Tensor) -> Tensor:
-        """Pad to the window, roll, attend per window, unroll, crop: (B, H, W, C) -> same."""
-        _, height, width, _ = x.shape
-        pad_b, pad_r = (-height) % self.window, (-width) % self.window
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        hp, wp = height + pad_b, width + pad_r
-        if self.shift:
-            x = torch.roll(x, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        windows = self.attn(window_partition(x, self.window), self.attention_mask(hp, wp, x))
-        x = window_reverse(windows, self.window, hp, wp)
-        if self.shift:
-            x = torch.roll(x, shifts=(self.shift, self.shift), dims=(1, 2))
-        return x[:, :height, :width] if (pad_b or pad_r) else x
+        """Pad to the window, roll, attend per window, unroll, crop: (B, H, W, C) -> same.
+
+        Pad + roll + partition is one gather and its inverse one more (`window_token_index`).
+        """
+        b, height, width, c = x.shape
+        hp, wp = height + (-height) % self.window, width + (-width) % self.window
+        padded = (hp, wp) != (height, width)
+        gather, scatter = self._token_index(height, width, x.device)
+        windows = _PermuteTokens.apply(x.reshape(b, height * width, c), gather, scatter, padded, False)
+        out = self.attn(windows.view(b, -1, self.window * self.window, c), self.attention_mask(hp, wp, x))
+        out = _PermuteTokens.apply(out.reshape(b, hp * wp, c), scatter, gather, False, padded)
+        return out.view(b, height, width, c)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""

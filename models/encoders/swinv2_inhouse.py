@@ -1,0 +1,119 @@
+"""Adapter `swinv2_inhouse`: the project's Swin V2 (`models.swinv2`, fused SDPA attention).
+
+Same contract as the `swinv2` adapter, so a config switches between the two with no other change:
+the same transformers Swin V2 checkpoint folders or random-init config dicts, the same
+preprocessing, token grids, stage features and parameter groups (timm's stage convention: stage i
+is the patch merging that feeds it followed by its blocks), and LoRA targets naming the same Linear
+layers in this model's module names. `hf_config_dict()` is the transformers `Swinv2Config` dict, so
+exported models stay loadable by either adapter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Swinv2Config, Swinv2Model
+
+from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing, VisionEncoder
+from models.encoders.hf_loading import make_config, read_config_dict, read_image_stats
+from models.swinv2 import SwinTransformerV2, config_from_transformers, from_transformers
+
+# The swinv2 adapter's targets (query/key/value, attention.output.dense, intermediate.dense,
+# output.dense) under this model's names: q/k/v are one fused Linear here.
+LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+class Swinv2InhouseEncoder(VisionEncoder):
+    """`VisionEncoder` over `models.swinv2.SwinTransformerV2`, held as `self.backbone`."""
+
+    name = "swinv2_inhouse"
+
+    def __init__(self, backbone: SwinTransformerV2, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self._hf_config = hf_config
+        self._preprocessing = preprocessing
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
+              resize: str = "pad", **kwargs: Any) -> "Swinv2InhouseEncoder":
+        """From a transformers Swin V2 folder / hub id, or at random from Swinv2Config fields."""
+        mean, std = read_image_stats(checkpoint)
+        preprocessing = ImagePreprocessing(size=tuple(image_size), mean=mean, std=std, resize=resize)
+        if checkpoint is None:
+            config = make_config(Swinv2Config, config_overrides, cls.name)
+            return cls(_backbone_from_config(config), config.to_dict(), preprocessing)
+        config_dict = read_config_dict(checkpoint, ("swinv2",), cls.name)
+        fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
+        config = make_config(Swinv2Config, {**fields, **config_overrides}, cls.name)
+        try:
+            hf_model = Swinv2Model.from_pretrained(checkpoint, config=config, add_pooling_layer=False,
+                                                   dtype=torch.float32)
+        except OSError as e:  # config present but weights missing or unreadable
+            raise EncoderUnavailableError(f"encoder {cls.name!r}: cannot load weights from {checkpoint}: {e}") from e
+        backbone = from_transformers(hf_model).train()  # trainability and mode are the caller's policy
+        return cls(backbone, config.to_dict(), preprocessing)
+
+    @classmethod
+    def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "Swinv2InhouseEncoder":
+        config = Swinv2Config.from_dict(hf_config)
+        return cls(_backbone_from_config(config), config.to_dict(), preprocessing)
+
+    def hf_config_dict(self) -> dict[str, Any]:
+        return dict(self._hf_config)
+
+    # -- declared shapes ---------------------------------------------------------------------------
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return self._preprocessing
+
+    @property
+    def feature_info(self) -> list[FeatureInfo]:
+        return [FeatureInfo(channels=f["num_chs"], stride=f["reduction"]) for f in self.backbone.feature_info]
+
+    def grid_size(self, image_size: tuple[int, int], stage: int = -1) -> tuple[int, int]:
+        return self.backbone.grid_size(image_size, stage)
+
+    # -- training policy hooks -----------------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[nn.Module]]:
+        layers = self.backbone.layers
+        groups: dict[str, list[nn.Module]] = {"embeddings": [self.backbone.patch_embed]}
+        for i, layer in enumerate(layers):
+            merge_in = [layers[i - 1].downsample] if i > 0 else []
+            groups[f"stage.{i}"] = merge_in + [layer.blocks]
+        groups["last_stage"] = groups[f"stage.{len(layers) - 1}"]
+        groups["final_norm"] = [self.backbone.norm]
+        groups["all"] = [self.backbone]
+        return groups
+
+    @property
+    def depth_groups(self) -> list[str]:
+        return ["embeddings"] + [f"stage.{i}" for i in range(len(self.backbone.layers))]
+
+    @property
+    def lora_target_modules(self) -> list[str]:
+        return list(LORA_TARGETS)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.backbone.set_grad_checkpointing(enable)
+
+    # -- forward -------------------------------------------------------------------------------------
+    def forward(self, pixel_values: torch.Tensor) -> EncoderOutput:
+        """(B, 3, H, W) -> tokens (B, h*w, C) after the final norm, plus every stage's tokens."""
+        out = self.backbone(pixel_values)
+        stages = out.stage_outputs[:-1] + [out.last_hidden_state]
+        return EncoderOutput(tokens=out.last_hidden_state, grid=out.stage_grids[-1], stages=stages,
+                             stage_grids=out.stage_grids)
+
+
+def _backbone_from_config(config: Swinv2Config) -> SwinTransformerV2:
+    """A randomly initialised in-house backbone; unsupported settings are `EncoderUnavailableError`."""
+    try:
+        return SwinTransformerV2(config_from_transformers(config))
+    except ValueError as e:
+        raise EncoderUnavailableError(f"encoder 'swinv2_inhouse': {e}") from e
+
+

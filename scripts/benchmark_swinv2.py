@@ -1,0 +1,215 @@
+"""Speed and memory of the in-house Swin V2 against transformers' Swinv2Model (same weights).
+
+Prints a Markdown table. Not a test: it measures, it does not fail on a slow machine.
+
+Method:
+- both models are built from one seeded random transformers model (the in-house one through
+  `from_transformers`), float32, `torch.set_num_threads(--threads)`, drop path off;
+- timings alternate the two models in one process (the order flips every repeat) after warm-up and
+  report the median of `--repeats`; eval runs under `torch.no_grad()` for both;
+- a train step is zero_grad + forward + mean-square loss of `last_hidden_state` + backward;
+- peak memory of a train step is the growth of the process's peak resident set (VmHWM, reset through
+  /proc/self/clear_refs) over its resident set just before the step, measured in a fresh child process
+  per model (so neither sees the other's freed memory), after one warm-up step, with glibc's mmap
+  threshold pinned so freed activations go back to the OS; median of `--memory-repeats` children;
+- FLOPs are counted once with `torch.utils.flop_counter.FlopCounterMode` on transformers' model
+  (matmuls and the convolution, i.e. the same math for both) and divided by each median time; the
+  machine's float32 matmul rate is the median of 2048x2048 GEMMs on the same threads.
+
+Usage:
+    python scripts/benchmark_swinv2.py                 # full: batch 8, 7 repeats, 3 memory children
+    python scripts/benchmark_swinv2.py --repeats 3 --memory-repeats 1 --cases eval_w8
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.swinv2 import from_transformers  # noqa: E402
+
+TINY_SHAPE = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], image_size=256)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row: what is run, at which window, and the speed-up the issue asks for."""
+
+    name: str
+    mode: str  # "eval" or "train"
+    window: int
+    target: float
+
+
+CASES = {
+    "eval_w8": Case("eval forward, 256x256, window 8", "eval", 8, 1.3),
+    "eval_w16": Case("eval forward, 256x256, window 16", "eval", 16, 1.5),
+    "train_w8": Case("train step (fwd+bwd), 256x256, window 8", "train", 8, 1.15),
+}
+
+
+def build_models(window: int, seed: int = 0) -> tuple[nn.Module, nn.Module]:
+    """(transformers Swinv2Model, in-house model) with identical random weights."""
+    from transformers import Swinv2Config, Swinv2Model
+
+    torch.manual_seed(seed)
+    hf = Swinv2Model(Swinv2Config(window_size=window, drop_path_rate=0.0, **TINY_SHAPE))
+    return hf, from_transformers(hf)
+
+
+def make_step(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
+    """A closure running one eval forward or one train step of `model` on `x`."""
+    if mode == "eval":
+        model.eval()
+
+        def step() -> None:
+            with torch.no_grad():
+                model(x)
+        return step
+    model.train()
+
+    def train_step() -> None:
+        model.zero_grad(set_to_none=True)
+        model(x).last_hidden_state.pow(2).mean().backward()
+    return train_step
+
+
+def alternate_timings(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per step, running the steps alternately (order flipped every repeat)."""
+    names = list(steps)
+    for _ in range(warmup):
+        for name in names:
+            steps[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            start = time.perf_counter()
+            steps[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def count_flops(step: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
+    """The machine's measured float32 GEMM rate on `threads` threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * size**3 / statistics.median(times) / 1e9
+
+
+# -- peak memory of one train step, in a fresh child process -----------------------------------------
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(impl: str, window: int, batch: int, threads: int) -> None:
+    """Print the peak-RSS growth (MiB) of one train step of `impl`; run as a separate process."""
+    torch.set_num_threads(threads)
+    hf, ours = build_models(window)
+    model = hf if impl == "transformers" else ours
+    del hf, ours
+    gc.collect()
+    x = torch.randn(batch, 3, 256, 256)
+    step = make_step(model, x, "train")
+    step()  # warm-up: one-time kernels and caches
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    step()
+    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024}))
+
+
+def peak_memory(impl: str, window: int, batch: int, threads: int) -> float:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--window", str(window),
+                          "--batch", str(batch), "--threads", str(threads)],
+                         check=True, capture_output=True, text=True, env=env).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+# -- report --------------------------------------------------------------------------------------------
+
+def run_case(case: Case, args: argparse.Namespace, peak: float) -> list[str]:
+    hf, ours = build_models(case.window)
+    x = torch.randn(args.batch, 3, 256, 256)
+    steps = {"transformers": make_step(hf, x, case.mode), "inhouse": make_step(ours, x, case.mode)}
+    flops = count_flops(steps["transformers"])
+    t = alternate_timings(steps, args.repeats, args.warmup)
+    speedup = t["transformers"] / t["inhouse"]
+    gflops = {k: flops / v / 1e9 for k, v in t.items()}
+    rows = [f"| {case.name} | {t['transformers']:.3f} | {t['inhouse']:.3f} | **{speedup:.2f}x** | "
+            f">= {case.target}x | {'yes' if speedup >= case.target else 'NO'} | "
+            f"{gflops['transformers']:.1f} / {gflops['inhouse']:.1f} | "
+            f"{100 * gflops['transformers'] / peak:.0f}% / {100 * gflops['inhouse'] / peak:.0f}% |"]
+    if case.mode == "train" and args.memory_repeats > 0:
+        mem = {impl: statistics.median(peak_memory(impl, case.window, args.batch, args.threads)
+                                       for _ in range(args.memory_repeats))
+               for impl in ("transformers", "inhouse")}
+        ratio = mem["inhouse"] / mem["transformers"]
+        rows.append(f"| ↳ peak RSS growth of that train step (MiB) | {mem['transformers']:.0f} | "
+                    f"{mem['inhouse']:.0f} | {ratio:.2f}x | <= 1.0x | {'yes' if ratio <= 1.0 else 'NO'} | | |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per model (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-repeats", type=int, default=3, help="child processes per model; 0 skips")
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--memory-child", choices=["transformers", "inhouse"], help=argparse.SUPPRESS)
+    parser.add_argument("--window", type=int, default=8, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child, args.window, args.batch, args.threads)
+        return
+
+    torch.set_num_threads(args.threads)
+    peak = matmul_gflops(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, float32, swinv2-tiny shape "
+          f"(embed 96, depths 2-2-6-2, heads 3-6-12-24), batch {args.batch}, median of {args.repeats}, "
+          f"measured float32 matmul: {peak:.1f} GFLOP/s\n")
+    print("| case | transformers (s) | in-house (s) | speed-up | target | met | GFLOP/s (hf / in-house) "
+          "| of matmul peak |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name in args.cases:
+        for row in run_case(CASES[name], args, peak):
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()
