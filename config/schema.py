@@ -82,6 +82,7 @@ class DataConfig:
     eval_batch_size: int = 32
     num_workers: int = 0
     augment: bool = True
+    augment_options: dict[str, Any] = field(default_factory=dict)  # data.transforms.AugmentConfig fields
     on_bad_image: Literal["skip", "fail"] = "skip"
     max_image_pixels: int = 64_000_000
 

@@ -45,6 +45,8 @@ class AugmentConfig:
         brightness, contrast, saturation: factors uniform in [1 - x, 1 + x].
         blur_prob, max_blur_radius: Gaussian blur with a radius uniform in (0, max_blur_radius].
         jpeg_prob, jpeg_quality: JPEG re-encoding at a quality uniform in the (low, high) range.
+        hflip_prob, vflip_prob: mirror left-right / top-bottom (a count does not change; a photo taken
+            from above stays plausible).
     """
 
     max_rotation: float = 5.0
@@ -56,6 +58,8 @@ class AugmentConfig:
     max_blur_radius: float = 1.2
     jpeg_prob: float = 0.3
     jpeg_quality: tuple[int, int] = (35, 90)
+    hflip_prob: float = 0.5
+    vflip_prob: float = 0.5
 
 
 def resize_image(image: Image.Image, size: tuple[int, int], mode: str = "pad",
@@ -95,7 +99,7 @@ def _uniform(generator: torch.Generator | None, low: float, high: float) -> floa
 
 def augment_image(image: Image.Image, generator: torch.Generator | None = None,
                   config: AugmentConfig = AugmentConfig(), fill: tuple[int, int, int] = WHITE) -> Image.Image:
-    """Random rotation, crop, colour jitter, blur and JPEG re-encoding of an RGB image.
+    """Random rotation, crop, colour jitter, blur, JPEG re-encoding and flips of an RGB image.
 
     Args:
         generator: source of every random draw; the same generator state gives the same output.
@@ -110,6 +114,10 @@ def augment_image(image: Image.Image, generator: torch.Generator | None = None,
         image = image.filter(ImageFilter.GaussianBlur(radius))
     if _uniform(generator, 0.0, 1.0) < config.jpeg_prob:
         image = _jpeg_roundtrip(image, round(_uniform(generator, *config.jpeg_quality)))
+    if _uniform(generator, 0.0, 1.0) < config.hflip_prob:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if _uniform(generator, 0.0, 1.0) < config.vflip_prob:
+        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
     return image
 
 

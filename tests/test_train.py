@@ -18,6 +18,7 @@ from config.schema import StageConfig
 from models.build import build_model
 from models.internvl2 import InternVL2MultimodalModel
 from train.checkpoints import list_checkpoints
+from train.data import augment_config
 from train.lora import has_lora, inject_lora, lora_groups, merge_lora
 from train.run import main
 from train.trainability import apply_stage, resolve_groups
@@ -183,3 +184,9 @@ def test_two_processes_with_accelerate_launch(tiny_checkpoints, receipts, tmp_pa
     assert all(m["val_samples"] == 6 for m in lines)  # gathered without double counting
     assert json.loads((out / "results.json").read_text())["test"]["samples"] == 6
     InternVL2MultimodalModel.from_pretrained(out / "final")
+
+
+def test_augment_options_are_checked():
+    assert augment_config({"max_rotation": 0.0, "jpeg_quality": [50, 60]}).jpeg_quality == (50, 60)
+    with pytest.raises(ValueError, match=r"data.augment_options: unknown field\(s\) \['rotate'\]"):
+        augment_config({"rotate": 3})

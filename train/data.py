@@ -3,7 +3,9 @@ before any training step."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from config.schema import DataConfig
 from data import AugmentConfig, ReceiptDataset, load_records
@@ -23,12 +25,24 @@ def build_datasets(config: DataConfig, class_names: list[str], preprocessing: Im
     if config.train is None:
         raise ValueError("data.train is not set: give a manifest (CSV/JSONL) or a class-per-folder directory")
 
-    def make(source: str | None, augment: bool) -> ReceiptDataset | None:
+    augment = augment_config(config.augment_options) if config.augment else None
+
+    def make(source: str | None, train: bool) -> ReceiptDataset | None:
         if source is None:
             return None
         return ReceiptDataset(load_records(source, class_names), preprocessing,
-                              augment=AugmentConfig() if augment else None, on_bad_image=config.on_bad_image,
+                              augment=augment if train else None, on_bad_image=config.on_bad_image,
                               max_image_pixels=config.max_image_pixels, seed=seed)
 
-    return RunDatasets(train=make(config.train, config.augment), val=make(config.val, False),
-                       test=make(config.test, False))
+    return RunDatasets(train=make(config.train, True), val=make(config.val, False), test=make(config.test, False))
+
+
+def augment_config(options: dict[str, Any]) -> AugmentConfig:
+    """`data.augment_options` -> AugmentConfig, naming an unknown field."""
+    valid = [f.name for f in dataclasses.fields(AugmentConfig)]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ValueError(f"data.augment_options: unknown field(s) {unknown}; valid: {', '.join(valid)}")
+    if "jpeg_quality" in options:
+        options = {**options, "jpeg_quality": tuple(options["jpeg_quality"])}
+    return AugmentConfig(**options)
