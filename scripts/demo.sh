@@ -14,7 +14,7 @@ echo "== 1/5 tiny random checkpoints (InternVL2, Swin, Swin V2) -> checkpoints/t
 
 echo "== 2/5 synthetic receipt-count data -> $DATA"
 if [ ! -f "$DATA/test/metadata.csv" ]; then
-  "$PY" scripts/make_receipts.py --out "$DATA" --train 900 --val 150 --test 150 --seed 0 --size 224
+  "$PY" scripts/make_receipts.py --out "$DATA" --train 2000 --val 200 --test 200 --seed 0 --size 224
 else
   echo "   (already there; delete $DATA to regenerate)"
 fi
