@@ -15,6 +15,7 @@ ENCODERS: dict[str, str] = {
     "internvit": "models.encoders.internvit:InternViTEncoder",
     "swin": "models.encoders.swin:SwinEncoder",
     "swinv2": "models.encoders.swin:Swinv2Encoder",
+    "swinv2_inhouse": "models.encoders.swinv2_inhouse:Swinv2InhouseEncoder",
 }
 
 
