@@ -1,8 +1,9 @@
 """Swin Transformer V2 (arXiv 2111.09883) in plain PyTorch, weight-compatible with transformers' Swinv2Model.
 
 Reads top to bottom: pure helpers (window partition / reverse, log-spaced relative coordinates,
-shift-region mask, stochastic depth), then the modules (fused qkv projection, window attention,
-block, patch merging, stage, patch embedding) and finally the model.
+shift-region mask, the one-gather window index, stochastic depth), the attention kernel wrapper,
+then the modules (fused qkv projection, window attention, block, patch merging, stage, patch
+embedding) and finally the model.
 
 Layout conventions: feature maps travel between blocks as (B, H, W, C) ("NHWC"); windows as
 (B, nW, N, C) with nW windows per image and N = window * window tokens per window.
@@ -22,7 +23,9 @@ continuous position bias (16 * sigmoid(MLP(log-spaced coords))) plus the shift m
 `attn_mask`. In inference (eval mode, and no gradient needed for the bias MLP), that mask is
 computed once per feature-map shape and cached; the cache is keyed by the bias weights' identity
 and version counters, so loading weights or any in-place update (optimizer step, `copy_`)
-invalidates it, and it is dropped on every `train()` / `eval()` switch.
+invalidates it, and it is dropped on every `train()` / `eval()` switch. For CPU training with a
+trainable bias, PyTorch's SDPA would fall back to its unfused math path; `scaled_dot_product_attention`
+below calls the same fused CPU kernels directly and adds the mask gradient (see its docstring).
 """
 
 from __future__ import annotations
