@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from accelerate import Accelerator
 
 from config.schema import StageConfig
 from models.build import build_model
@@ -21,6 +22,7 @@ from train.checkpoints import list_checkpoints
 from train.data import augment_config
 from train.lora import has_lora, inject_lora, lora_groups, merge_lora
 from train.run import main
+from train.loop import Trainer
 from train.trainability import apply_stage, resolve_groups
 from tests.conftest import ENCODER_CHECKPOINT, make_config
 
@@ -89,6 +91,34 @@ def test_gradient_accumulation_counts_optimizer_steps(tiny_checkpoints, receipts
     assert lines[-1]["lr"] == pytest.approx(0.0)  # the cosine schedule ends exactly at the last step
 
 
+def test_adam_state_carries_over_for_parameters_that_stay_trainable(tiny_checkpoints, tmp_path):
+    model = build_model(make_config(tiny_checkpoints, "swin").model)
+    trainer = Trainer(make_config(tiny_checkpoints, "swin"), Accelerator(cpu=True), model, None, tmp_path)
+    groups = model.parameter_groups()
+    first = apply_stage(model, StageConfig(trainable=["head"]), groups, [])
+    optimizer = trainer._make_optimizer(StageConfig(trainable=["head"]), first)
+    model(torch.randn(1, 3, 224, 224), labels=torch.tensor([1])).loss.backward()
+    optimizer.step()
+    trainer._previous_optimizer = optimizer
+    stage = StageConfig(trainable=["head", "projector"], lr=5e-4, lr_multipliers={"projector": 0.1})
+    second = trainer._make_optimizer(stage, apply_stage(model, stage, groups, []))
+    for module in groups["head"]:
+        for p in module.parameters():
+            assert second.state[p] is optimizer.state[p] and second.state[p]["step"] == 1
+    for p in groups["projector"][0].parameters():
+        assert p not in second.state
+    lrs = sorted({g["lr"] for g in second.param_groups})
+    assert lrs == pytest.approx([5e-5, 5e-4])
+
+
+def test_early_stopping_ends_a_stage(tiny_checkpoints, receipts, tmp_path):
+    out = tmp_path / "run"
+    stage = "train.stages=[{name: a, epochs: 5, lr: 0.0, trainable: [head]}]"
+    assert main(run_args(tiny_checkpoints, receipts, out, stage, "train.early_stopping_patience=1")) == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # epoch 1 sets the best, epoch 2 does not improve -> stop
+
+
 def test_stage_groups_are_checked(tiny_checkpoints):
     model = build_model(make_config(tiny_checkpoints, "swin").model)
     groups = model.parameter_groups()
@@ -113,18 +143,23 @@ def test_smallest_group_wins_and_layer_decay_scales(tiny_checkpoints):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(by_name)
 
 
-def test_lora_export_matches_the_unmerged_model(tiny_checkpoints, tmp_path):
-    model = build_model(make_config(tiny_checkpoints, "swin").model).eval()
+@pytest.mark.parametrize("name", ["swin", "internvit"])
+def test_lora_export_matches_the_unmerged_model(name, tiny_checkpoints, tmp_path):
+    model = build_model(make_config(tiny_checkpoints, name).model).eval()
     inject_lora(model, "language.lora", rank=4, alpha=8, dropout=0.0)
+    inject_lora(model, "vision.lora", rank=4, alpha=8, dropout=0.0)
+    groups = lora_groups(model)
+    assert set(groups) == {"language.lora", "vision.lora"}
     with torch.no_grad():
-        for module in lora_groups(model)["language.lora"]:
+        for module in groups["language.lora"] + groups["vision.lora"]:
             for p in module.parameters():
-                p.normal_(0, 0.2)  # lora_B starts at zero; make the adapter matter
+                p.normal_(0, 0.2)  # lora_B starts at zero; make the adapters matter
         for block in model.fusion.blocks:
             block.attn_gate.alpha.fill_(1.0)
     x = torch.randn(2, 3, 224, 224)
     expected = model(x).logits
     merge_lora(model.language)
+    merge_lora(model.vision)
     assert not has_lora(model)
     model.save_pretrained(tmp_path / "export")
     torch.testing.assert_close(InternVL2MultimodalModel.from_pretrained(tmp_path / "export")(x).logits, expected,

@@ -99,8 +99,7 @@ class Trainer:
         depth = [f"vision.{g}" for g in self.model.vision.depth_groups]
         trainable = apply_stage(self.model, stage, groups, depth)
         self._save_manifest(index, stage, trainable)
-        if stage.gradient_checkpointing:
-            self.model.vision.set_grad_checkpointing(True)
+        self.model.vision.set_grad_checkpointing(stage.gradient_checkpointing)
         optimizer = self._make_optimizer(stage, trainable)
         acc.gradient_accumulation_steps = stage.grad_accum_steps
         train_loader = make_dataloader(self.datasets.train, self.config.data.batch_size, shuffle=True,
