@@ -70,15 +70,8 @@ class _HFSwinFamilyEncoder(HFBackboneEncoder):
         return h, w
 
     def parameter_groups(self) -> dict[str, list[nn.Module]]:
-        layers = self.backbone.encoder.layers
-        groups: dict[str, list[nn.Module]] = {"embeddings": [self.backbone.embeddings]}
-        for i, layer in enumerate(layers):
-            merge_in = [layers[i - 1].downsample] if i > 0 else []
-            groups[f"stage.{i}"] = merge_in + [layer.blocks]
-        groups["last_stage"] = groups[f"stage.{len(layers) - 1}"]
-        groups["final_norm"] = [self.backbone.layernorm]
-        groups["all"] = [self.backbone]
-        return groups
+        return swin_parameter_groups(self.backbone, self.backbone.embeddings, self.backbone.encoder.layers,
+                                     self.backbone.layernorm)
 
     @property
     def depth_groups(self) -> list[str]:
@@ -130,6 +123,23 @@ class Swinv2Encoder(_HFSwinFamilyEncoder):
     model_class = Swinv2Model
     model_types = ("swinv2",)
     lora_targets = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def swin_parameter_groups(backbone: nn.Module, embeddings: nn.Module, layers: nn.ModuleList,
+                          final_norm: nn.Module) -> dict[str, list[nn.Module]]:
+    """The Swin family's groups; stage i = the patch merging that feeds it + its blocks (timm's convention).
+
+    Args:
+        layers: the stages, each with `.blocks` and `.downsample` (None for the last).
+    """
+    groups: dict[str, list[nn.Module]] = {"embeddings": [embeddings]}
+    for i, layer in enumerate(layers):
+        merge_in = [layers[i - 1].downsample] if i > 0 else []
+        groups[f"stage.{i}"] = merge_in + [layer.blocks]
+    groups["last_stage"] = groups[f"stage.{len(layers) - 1}"]
+    groups["final_norm"] = [final_norm]
+    groups["all"] = [backbone]
+    return groups
 
 
 def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from transformers import Swinv2Config, Swinv2Model
 
 from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing, VisionEncoder
 from models.encoders.hf_loading import make_config, read_config_dict, read_image_stats
+from models.encoders.swin import swin_parameter_groups
 from models.swinv2 import SwinTransformerV2, config_from_transformers, from_transformers
 
 # The swinv2 adapter's targets (query/key/value, attention.output.dense, intermediate.dense,
@@ -79,15 +80,8 @@ class Swinv2InhouseEncoder(VisionEncoder):
 
     # -- training policy hooks -----------------------------------------------------------------------
     def parameter_groups(self) -> dict[str, list[nn.Module]]:
-        layers = self.backbone.layers
-        groups: dict[str, list[nn.Module]] = {"embeddings": [self.backbone.patch_embed]}
-        for i, layer in enumerate(layers):
-            merge_in = [layers[i - 1].downsample] if i > 0 else []
-            groups[f"stage.{i}"] = merge_in + [layer.blocks]
-        groups["last_stage"] = groups[f"stage.{len(layers) - 1}"]
-        groups["final_norm"] = [self.backbone.norm]
-        groups["all"] = [self.backbone]
-        return groups
+        return swin_parameter_groups(self.backbone, self.backbone.patch_embed, self.backbone.layers,
+                                     self.backbone.norm)
 
     @property
     def depth_groups(self) -> list[str]:
