@@ -47,6 +47,7 @@ class AugmentConfig:
         jpeg_prob, jpeg_quality: JPEG re-encoding at a quality uniform in the (low, high) range.
         hflip_prob, vflip_prob: mirror left-right / top-bottom (a count does not change; a photo taken
             from above stays plausible).
+        rot90_prob: turn by a quarter (same reasoning; a portrait image becomes landscape).
     """
 
     max_rotation: float = 5.0
@@ -60,6 +61,7 @@ class AugmentConfig:
     jpeg_quality: tuple[int, int] = (35, 90)
     hflip_prob: float = 0.5
     vflip_prob: float = 0.5
+    rot90_prob: float = 0.0
 
 
 def resize_image(image: Image.Image, size: tuple[int, int], mode: str = "pad",
@@ -118,6 +120,8 @@ def augment_image(image: Image.Image, generator: torch.Generator | None = None,
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if _uniform(generator, 0.0, 1.0) < config.vflip_prob:
         image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    if _uniform(generator, 0.0, 1.0) < config.rot90_prob:
+        image = image.transpose(Image.Transpose.ROTATE_90)
     return image
 
 

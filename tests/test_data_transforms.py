@@ -96,12 +96,13 @@ def test_preprocess_accepts_any_pil_mode() -> None:
 
 
 @pytest.mark.parametrize("flip, transpose", [("hflip_prob", Image.Transpose.FLIP_LEFT_RIGHT),
-                                             ("vflip_prob", Image.Transpose.FLIP_TOP_BOTTOM)])
+                                             ("vflip_prob", Image.Transpose.FLIP_TOP_BOTTOM),
+                                             ("rot90_prob", Image.Transpose.ROTATE_90)])
 def test_flips_mirror_the_image(flip: str, transpose: Image.Transpose) -> None:
     image = Image.new("RGB", (40, 30), (255, 255, 255))
     image.paste((200, 0, 0), (0, 0, 10, 5))  # a mark in one corner
     only_flip = AugmentConfig(max_rotation=0.0, min_crop=1.0, brightness=0.0, contrast=0.0, saturation=0.0,
-                              blur_prob=0.0, jpeg_prob=0.0, hflip_prob=0.0, vflip_prob=0.0)
+                              blur_prob=0.0, jpeg_prob=0.0, hflip_prob=0.0, vflip_prob=0.0, rot90_prob=0.0)
     flipped = augment_image(image, torch.Generator().manual_seed(0),
                             AugmentConfig(**{**only_flip.__dict__, flip: 1.0}))
     assert flipped.tobytes() == image.transpose(transpose).tobytes()
