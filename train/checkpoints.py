@@ -1,6 +1,6 @@
 """Training-state checkpoints through accelerate, written atomically, the last K kept.
 
-A checkpoint is `RUN/checkpoints/step-XXXXXXXX/`, written by `accelerator.save_state` into a hidden
+A checkpoint is `RUN/checkpoints/step-<global step, 8 digits>/`, written by `accelerator.save_state` into a hidden
 temporary folder and renamed into place when complete, so a run killed at any moment leaves either
 a whole checkpoint or none. `--resume` takes the newest.
 """

@@ -55,6 +55,12 @@ def read_image_stats(checkpoint: str | None) -> Stats:
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+def checkpoint_preprocessing(checkpoint: str | None, image_size: tuple[int, int], resize: str) -> ImagePreprocessing:
+    """The encoder's preprocessing: the configured size and resize mode, the checkpoint's mean/std."""
+    mean, std = read_image_stats(checkpoint)
+    return ImagePreprocessing(size=(int(image_size[0]), int(image_size[1])), mean=mean, std=std, resize=resize)
+
+
 def make_config(config_class: type[PretrainedConfig], fields: dict[str, Any], encoder: str) -> PretrainedConfig:
     """Build a backbone config, refusing unknown fields and wrong types (transformers accepts both quietly)."""
     known = set(config_class().to_dict()) | set(getattr(config_class, "attribute_map", {}))

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import InternVLModel, InternVLVisionConfig, InternVLVisionModel
 
 from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing
-from models.encoders.hf_loading import HFBackboneEncoder, make_config, read_config_dict, read_image_stats
+from models.encoders.hf_loading import HFBackboneEncoder, checkpoint_preprocessing, make_config, read_config_dict
 
 
 class InternViTEncoder(HFBackboneEncoder):
@@ -25,8 +25,7 @@ class InternViTEncoder(HFBackboneEncoder):
     def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
               resize: str = "pad", source_model: InternVLModel | None = None, **kwargs: Any) -> "InternViTEncoder":
         """See `VisionEncoder.build`; `source_model` is an InternVLModel already loaded from `checkpoint`."""
-        mean, std = read_image_stats(checkpoint)
-        preprocessing = ImagePreprocessing(size=tuple(image_size), mean=mean, std=std, resize=resize)
+        preprocessing = checkpoint_preprocessing(checkpoint, image_size, resize)
         if checkpoint is None:
             config = make_config(InternVLVisionConfig, config_overrides, cls.name)
             return cls(InternVLVisionModel(config), preprocessing)

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, SwinConfig, SwinModel, Swinv2Config, Swinv2Model
 
 from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing
-from models.encoders.hf_loading import HFBackboneEncoder, make_config, read_config_dict, read_image_stats
+from models.encoders.hf_loading import HFBackboneEncoder, checkpoint_preprocessing, make_config, read_config_dict
 
 
 class _HFSwinFamilyEncoder(HFBackboneEncoder):
@@ -30,27 +30,16 @@ class _HFSwinFamilyEncoder(HFBackboneEncoder):
     @classmethod
     def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
               resize: str = "pad", **kwargs: Any) -> "_HFSwinFamilyEncoder":
-        mean, std = read_image_stats(checkpoint)
-        preprocessing = ImagePreprocessing(size=tuple(image_size), mean=mean, std=std, resize=resize)
+        preprocessing = checkpoint_preprocessing(checkpoint, image_size, resize)
         if checkpoint is None:
             config = make_config(cls.config_class, config_overrides, cls.name)
             backbone = cls.model_class(config, add_pooling_layer=False)
         else:
-            backbone = cls._load(checkpoint, config_overrides)
+            backbone = load_hf_swin(cls.model_class, cls.config_class, cls.model_types, checkpoint,
+                                    config_overrides, cls.name)
         encoder = cls(backbone, preprocessing)
         encoder.check_input_size(preprocessing.size)
         return encoder
-
-    @classmethod
-    def _load(cls, checkpoint: str, config_overrides: dict[str, Any]) -> PreTrainedModel:
-        config_dict = read_config_dict(checkpoint, cls.model_types, cls.name)
-        fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
-        config = make_config(cls.config_class, {**fields, **config_overrides}, cls.name)
-        try:
-            return cls.model_class.from_pretrained(checkpoint, config=config, add_pooling_layer=False,
-                                                   dtype=torch.float32)
-        except OSError as e:  # config present but weights missing or unreadable
-            raise EncoderUnavailableError(f"encoder {cls.name!r}: cannot load weights from {checkpoint}: {e}") from e
 
     @classmethod
     def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "_HFSwinFamilyEncoder":
@@ -123,6 +112,22 @@ class Swinv2Encoder(_HFSwinFamilyEncoder):
     model_class = Swinv2Model
     model_types = ("swinv2",)
     lora_targets = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+def load_hf_swin(model_class: type[PreTrainedModel], config_class: type[PretrainedConfig], model_types: tuple[str, ...],
+                 checkpoint: str, config_overrides: dict[str, Any], encoder: str) -> PreTrainedModel:
+    """A transformers Swin-family backbone (no pooler) from a folder or hub id, float32.
+
+    Raises:
+        EncoderUnavailableError: missing folder/weights, unreadable or foreign config, bad override.
+    """
+    config_dict = read_config_dict(checkpoint, model_types, encoder)
+    fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
+    config = make_config(config_class, {**fields, **config_overrides}, encoder)
+    try:
+        return model_class.from_pretrained(checkpoint, config=config, add_pooling_layer=False, dtype=torch.float32)
+    except OSError as e:  # config present but weights missing or unreadable
+        raise EncoderUnavailableError(f"encoder {encoder!r}: cannot load weights from {checkpoint}: {e}") from e
 
 
 def swin_parameter_groups(backbone: nn.Module, embeddings: nn.Module, layers: nn.ModuleList,

@@ -17,8 +17,8 @@ from torch import nn
 from transformers import Swinv2Config, Swinv2Model
 
 from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing, VisionEncoder
-from models.encoders.hf_loading import make_config, read_config_dict, read_image_stats
-from models.encoders.swin import swin_parameter_groups
+from models.encoders.hf_loading import checkpoint_preprocessing, make_config
+from models.encoders.swin import load_hf_swin, swin_parameter_groups
 from models.swinv2 import SwinTransformerV2, config_from_transformers, from_transformers
 
 # The swinv2 adapter's targets (query/key/value, attention.output.dense, intermediate.dense,
@@ -42,21 +42,13 @@ class Swinv2InhouseEncoder(VisionEncoder):
     def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
               resize: str = "pad", **kwargs: Any) -> "Swinv2InhouseEncoder":
         """From a transformers Swin V2 folder / hub id, or at random from Swinv2Config fields."""
-        mean, std = read_image_stats(checkpoint)
-        preprocessing = ImagePreprocessing(size=tuple(image_size), mean=mean, std=std, resize=resize)
+        preprocessing = checkpoint_preprocessing(checkpoint, image_size, resize)
         if checkpoint is None:
             config = make_config(Swinv2Config, config_overrides, cls.name)
             return cls(_backbone_from_config(config), config.to_dict(), preprocessing)
-        config_dict = read_config_dict(checkpoint, ("swinv2",), cls.name)
-        fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
-        config = make_config(Swinv2Config, {**fields, **config_overrides}, cls.name)
-        try:
-            hf_model = Swinv2Model.from_pretrained(checkpoint, config=config, add_pooling_layer=False,
-                                                   dtype=torch.float32)
-        except OSError as e:  # config present but weights missing or unreadable
-            raise EncoderUnavailableError(f"encoder {cls.name!r}: cannot load weights from {checkpoint}: {e}") from e
+        hf_model = load_hf_swin(Swinv2Model, Swinv2Config, ("swinv2",), checkpoint, config_overrides, cls.name)
         backbone = from_transformers(hf_model).train()  # trainability and mode are the caller's policy
-        return cls(backbone, config.to_dict(), preprocessing)
+        return cls(backbone, hf_model.config.to_dict(), preprocessing)
 
     @classmethod
     def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "Swinv2InhouseEncoder":
