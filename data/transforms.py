@@ -4,7 +4,8 @@ Public API:
     AugmentConfig(...)                                  -- strengths of the train-time augmentation.
     resize_image(image, size, mode="pad", pad_value=(255, 255, 255)) -> PIL.Image.Image
     to_tensor(image, mean, std) -> FloatTensor[3, H, W]
-    augment_image(image, generator=None, config=AugmentConfig(), fill=(255, 255, 255)) -> PIL.Image.Image
+    augment_image(image, generator=None, config=AugmentConfig(), fill=(255, 255, 255), size=None,
+                  mode="pad") -> PIL.Image.Image
     preprocess(image, preprocessing, augment=None, generator=None) -> FloatTensor[3, H, W]
 
 `preprocessing` is the encoder's `models.encoders.base.ImagePreprocessing`: the target (height,
@@ -14,11 +15,16 @@ processor convention (`do_rescale` by 1/255, then `do_normalize` with the encode
 e.g. `transformers.image_utils.OPENAI_CLIP_MEAN`), resampling is bicubic as in most of them.
 
 Augmentation is deterministic for a given `torch.Generator` state: every random draw goes through it.
+Its geometry (rotation, crop, and the resize or pad to the encoder's size) is one affine resampling
+pass computed at the output resolution, after an antialiasing integer reduction of a large source;
+the colour, blur and JPEG steps then work on the small output. On the demo's 448 px photos this is
+about 4 ms per image instead of 24 ms for rotating and cropping at full size (docs/data.md).
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import torch
@@ -100,38 +106,69 @@ def _uniform(generator: torch.Generator | None, low: float, high: float) -> floa
 
 
 def augment_image(image: Image.Image, generator: torch.Generator | None = None,
-                  config: AugmentConfig = AugmentConfig(), fill: tuple[int, int, int] = WHITE) -> Image.Image:
-    """Random rotation, crop, colour jitter, blur, JPEG re-encoding and flips of an RGB image.
+                  config: AugmentConfig = AugmentConfig(), fill: tuple[int, int, int] = WHITE,
+                  size: tuple[int, int] | None = None, mode: str = "pad") -> Image.Image:
+    """Random flips, rotation, crop, colour jitter, blur and JPEG re-encoding of an RGB image.
 
     Args:
         generator: source of every random draw; the same generator state gives the same output.
-        fill: colour for the corners uncovered by rotation (the encoder's pad value).
+        fill: colour for the corners uncovered by rotation and for padding (the encoder's pad value).
+        size: (height, width) of the output, reached in the same resampling pass as the rotation and
+            crop, the way `resize_image(..., mode)` would; None keeps the crop at the source's scale.
+        mode: "pad" or "resize", as in `resize_image`.
     """
-    angle = _uniform(generator, -config.max_rotation, config.max_rotation)
-    image = image.rotate(angle, resample=Image.Resampling.BICUBIC, expand=True, fillcolor=tuple(fill))
-    image = _random_crop(image, generator, config.min_crop)
+    for prob, transpose in ((config.hflip_prob, Image.Transpose.FLIP_LEFT_RIGHT),
+                            (config.vflip_prob, Image.Transpose.FLIP_TOP_BOTTOM),
+                            (config.rot90_prob, Image.Transpose.ROTATE_90)):
+        if _uniform(generator, 0.0, 1.0) < prob:
+            image = image.transpose(transpose)
+    image = _rotate_crop_resize(image, generator, config, fill, size, mode)
     image = _colour_jitter(image, generator, config)
     if _uniform(generator, 0.0, 1.0) < config.blur_prob:
         radius = _uniform(generator, 0.1, config.max_blur_radius)
         image = image.filter(ImageFilter.GaussianBlur(radius))
     if _uniform(generator, 0.0, 1.0) < config.jpeg_prob:
         image = _jpeg_roundtrip(image, round(_uniform(generator, *config.jpeg_quality)))
-    if _uniform(generator, 0.0, 1.0) < config.hflip_prob:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    if _uniform(generator, 0.0, 1.0) < config.vflip_prob:
-        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
-    if _uniform(generator, 0.0, 1.0) < config.rot90_prob:
-        image = image.transpose(Image.Transpose.ROTATE_90)
     return image
 
 
-def _random_crop(image: Image.Image, generator: torch.Generator | None, min_keep: float) -> Image.Image:
-    """Keep a random window of [min_keep, 1] of each side; also a mild random zoom once resized."""
-    keep_w = round(image.width * _uniform(generator, min_keep, 1.0))
-    keep_h = round(image.height * _uniform(generator, min_keep, 1.0))
-    left = round(_uniform(generator, 0.0, image.width - keep_w))
-    top = round(_uniform(generator, 0.0, image.height - keep_h))
-    return image.crop((left, top, left + keep_w, top + keep_h))
+def _rotate_crop_resize(image: Image.Image, generator: torch.Generator | None, config: AugmentConfig,
+                        fill: tuple[int, int, int], size: tuple[int, int] | None, mode: str) -> Image.Image:
+    """Rotate about the centre (canvas expanded to hold the whole image), keep a random window of
+    [min_crop, 1] of each side, and scale it to `size`: one affine map from output to source pixels."""
+    if mode not in ("pad", "resize"):
+        raise ValueError(f"resize mode must be 'pad' or 'resize', got {mode!r}")
+    w, h = image.size
+    angle = math.radians(_uniform(generator, -config.max_rotation, config.max_rotation))
+    cos, sin = math.cos(angle), math.sin(angle)
+    rot_w, rot_h = abs(w * cos) + abs(h * sin), abs(w * sin) + abs(h * cos)  # the expanded canvas
+    keep_w = rot_w * _uniform(generator, config.min_crop, 1.0)
+    keep_h = rot_h * _uniform(generator, config.min_crop, 1.0)
+    left = _uniform(generator, 0.0, rot_w - keep_w)
+    top = _uniform(generator, 0.0, rot_h - keep_h)
+    if size is None:
+        out_h, out_w = max(1, round(keep_h)), max(1, round(keep_w))
+        scale_x, scale_y, offset_x, offset_y = out_w / keep_w, out_h / keep_h, 0.0, 0.0
+    else:
+        out_h, out_w = size
+        if mode == "resize":
+            scale_x, scale_y, offset_x, offset_y = out_w / keep_w, out_h / keep_h, 0.0, 0.0
+        else:
+            scale_x = scale_y = min(out_h / keep_h, out_w / keep_w)
+            offset_x, offset_y = (out_w - keep_w * scale_x) / 2, (out_h - keep_h * scale_y) / 2
+    # output (x, y) -> window -> expanded canvas, centred -> turned back by the angle -> source
+    cx = left - rot_w / 2 - offset_x / scale_x
+    cy = top - rot_h / 2 - offset_y / scale_y
+    matrix = [cos / scale_x, sin / scale_y, cos * cx + sin * cy + w / 2,
+              -sin / scale_x, cos / scale_y, -sin * cx + cos * cy + h / 2]
+    if matrix == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0] and (out_w, out_h) == (w, h):
+        return image
+    reduce = max(1, math.floor(min(scale_x, scale_y) ** -1 + 1e-6))  # antialias a downscale first
+    if reduce > 1:
+        image = image.reduce(reduce)
+        matrix = [m / reduce for m in matrix]
+    return image.transform((out_w, out_h), Image.Transform.AFFINE, matrix, resample=Image.Resampling.BILINEAR,
+                           fillcolor=tuple(fill))
 
 
 def _colour_jitter(image: Image.Image, generator: torch.Generator | None, config: AugmentConfig) -> Image.Image:
@@ -164,6 +201,8 @@ def preprocess(image: Image.Image, preprocessing: ImagePreprocessing, augment: A
     """
     image = to_rgb(image)  # a no-op for open_image's output; callers may pass any PIL image
     if augment is not None:
-        image = augment_image(image, generator, augment, fill=preprocessing.pad_value)
-    image = resize_image(image, preprocessing.size, preprocessing.resize, preprocessing.pad_value)
+        image = augment_image(image, generator, augment, preprocessing.pad_value, preprocessing.size,
+                              preprocessing.resize)
+    else:
+        image = resize_image(image, preprocessing.size, preprocessing.resize, preprocessing.pad_value)
     return to_tensor(image, preprocessing.mean, preprocessing.std)

@@ -107,3 +107,35 @@ def test_flips_mirror_the_image(flip: str, transpose: Image.Transpose) -> None:
                             AugmentConfig(**{**only_flip.__dict__, flip: 1.0}))
     assert flipped.tobytes() == image.transpose(transpose).tobytes()
     assert augment_image(image, torch.Generator().manual_seed(0), only_flip).tobytes() == image.tobytes()
+
+
+_GEOMETRY_ONLY = AugmentConfig(max_rotation=0.0, min_crop=1.0, brightness=0.0, contrast=0.0, saturation=0.0,
+                               blur_prob=0.0, jpeg_prob=0.0, hflip_prob=0.0, vflip_prob=0.0, rot90_prob=0.0)
+
+
+@pytest.mark.parametrize("size, mode", [((224, 224), "pad"), ((96, 160), "pad"), ((100, 70), "resize")])
+def test_augmentation_resamples_straight_to_the_encoder_size(size: tuple[int, int], mode: str) -> None:
+    """With no rotation or crop, the one-pass geometry (reduce + bilinear affine) gives what
+    resize_image gives, up to the resampling filter."""
+    source = _busy_image().crop((0, 0, 8, 6)).resize((400, 300), Image.Resampling.NEAREST)  # 50x50 blocks
+    out = augment_image(source, _generator(0), _GEOMETRY_ONLY, size=size, mode=mode)
+    assert out.size == (size[1], size[0])
+    reference = to_tensor(resize_image(source, size, mode), (0, 0, 0), (1, 1, 1))
+    difference = (to_tensor(out, (0, 0, 0), (1, 1, 1)) - reference).abs()
+    one_pixel_off = (reference - torch.roll(reference, 1, dims=2)).abs()
+    assert difference.mean() < 0.5 * one_pixel_off.mean(), (difference.mean(), one_pixel_off.mean())
+
+
+def test_augmentation_pads_a_tall_receipt_like_resize_image() -> None:
+    out = augment_image(_tall_receipt(), _generator(0), _GEOMETRY_ONLY, fill=(255, 255, 255), size=(224, 224))
+    dark_columns = [x for x in range(224) if out.getpixel((x, 112))[0] < 128]
+    assert 55 <= len(dark_columns) <= 57 and 83 <= dark_columns[0] <= 85
+    assert out.getpixel((10, 112)) == (255, 255, 255) and out.getpixel((213, 112)) == (255, 255, 255)
+
+
+def test_rotation_fills_the_uncovered_corners() -> None:
+    turned = AugmentConfig(**{**_GEOMETRY_ONLY.__dict__, "max_rotation": 30.0})
+    black = Image.new("RGB", (120, 120), (0, 0, 0))
+    outs = [augment_image(black, _generator(seed), turned, fill=(255, 0, 0), size=(64, 64)) for seed in range(4)]
+    assert any(out.getpixel((0, 0)) == (255, 0, 0) for out in outs)  # a corner outside the turned square
+    assert all(out.getpixel((32, 32)) == (0, 0, 0) for out in outs)  # the centre stays image
