@@ -130,6 +130,33 @@ def test_gradient_checkpointing_gives_same_outputs_and_grads() -> None:
         assert torch.allclose(p.grad, plain[name], atol=1e-6), name
 
 
+@pytest.mark.parametrize("chunk_tokens, parts", [(256, 5), (600, 3), (10**6, 1)])
+def test_sub_batches_give_the_whole_batch_result(chunk_tokens: int, parts: int) -> None:
+    """Stage 0 sees 16x16 = 256 tokens per image: 256 -> one image per sub-batch, 600 -> two."""
+    whole = randomized(SwinV2Config(**{**CFG.__dict__, "chunk_tokens": None}))
+    split = randomized(SwinV2Config(**{**CFG.__dict__, "chunk_tokens": chunk_tokens}))
+    x = torch.randn(5, 3, 64, 64)
+    calls = []
+    split.layers[0].blocks[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    for mode in ("train", "eval"):
+        getattr(whole, mode)(), getattr(split, mode)()
+        ref, out = whole(x), split(x)
+        assert torch.allclose(out.last_hidden_state, ref.last_hidden_state, atol=1e-5)
+        for a, b in zip(out.stage_outputs, ref.stage_outputs):
+            assert torch.allclose(a, b, atol=1e-5)
+    assert len(calls) == 2 * parts and sum(calls) == 2 * 5
+    whole.zero_grad(), split.zero_grad()
+    whole.train()(x).last_hidden_state.pow(2).sum().backward()
+    split.train()(x).last_hidden_state.pow(2).sum().backward()
+    for (name, a), b in zip(split.named_parameters(), whole.parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-5 * b.grad.abs().max(), name  # summation order only
+
+
+def test_chunk_tokens_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="chunk_tokens must be a positive number"):
+        SwinV2Config(chunk_tokens=0)
+
+
 def test_stochastic_depth_only_in_training() -> None:
     cfg = SwinV2Config(**{**CFG.__dict__, "drop_path_rate": 0.5})
     model = randomized(cfg)

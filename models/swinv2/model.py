@@ -92,6 +92,12 @@ class SwinV2Config:
         drop_path_rate: stochastic depth rate of the last block (linear from 0).
         layer_norm_eps: eps of the block and final LayerNorms.
         shift_mask_value: additive mask between tokens of different shift regions.
+        chunk_tokens: a stage whose input holds more tokens than this runs its blocks on sub-batches
+            of whole images (at least one) of at most this many tokens and concatenates the results:
+            every op is per image, so the output is the same, while each transient tensor stays small
+            enough to be served again from the allocator's heap (glibc maps every allocation above
+            32 MiB afresh and page-faults it in on each use) and to stay in cache between ops. None
+            never splits. Not part of the architecture: not converted, not saved.
     """
 
     img_size: tuple[int, int] = (256, 256)
@@ -110,6 +116,7 @@ class SwinV2Config:
     drop_path_rate: float = 0.1
     layer_norm_eps: float = 1e-5
     shift_mask_value: float = -200.0
+    chunk_tokens: int | None = 4096
 
     def __post_init__(self) -> None:
         n = len(self.depths)
@@ -121,6 +128,8 @@ class SwinV2Config:
                 raise ValueError(f"stage {i}: {self.embed_dim * 2**i} channels not divisible by {heads} heads")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"unknown hidden_act {self.hidden_act!r}; known: {sorted(_ACTIVATIONS)}")
+        if self.chunk_tokens is not None and self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be a positive number of tokens or None, got {self.chunk_tokens}")
 
     @property
     def num_stages(self) -> int:
@@ -618,9 +627,22 @@ class SwinV2Stage(nn.Module):
             for i in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
         self.grad_checkpointing = False
+        self.chunk_tokens = cfg.chunk_tokens
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, H, W, C) -> (stage output (B, H, W, C), next stage input (B, H', W', C'))."""
+        """(B, H, W, C) -> (stage output (B, H, W, C), next stage input (B, H', W', C')).
+
+        Runs on sub-batches of at most `chunk_tokens` tokens when the input holds more (same result).
+        """
+        b, h, w, _ = x.shape
+        images = b if self.chunk_tokens is None else max(1, self.chunk_tokens // (h * w))
+        if images >= b:
+            return self._forward(x)
+        parts = [self._forward(part) for part in x.split(images)]
+        out = torch.cat([p[0] for p in parts])
+        return out, (torch.cat([p[1] for p in parts]) if self.downsample is not None else out)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
