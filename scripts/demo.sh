@@ -12,11 +12,13 @@ start=$(date +%s)
 echo "== 1/5 tiny random checkpoints (InternVL2, Swin, Swin V2) -> checkpoints/tiny"
 "$PY" scripts/make_tiny_checkpoints.py --out checkpoints/tiny --seed 0
 
-echo "== 2/5 synthetic receipt-count data -> $DATA"
-if [ ! -f "$DATA/test/metadata.csv" ]; then
-  "$PY" scripts/make_receipts.py --out "$DATA" --train 2000 --val 200 --test 200 --seed 0 --size 224
-else
+TRAIN=6000
+echo "== 2/5 synthetic receipt-count data ($TRAIN training images) -> $DATA"
+if [ -f "$DATA/test/metadata.csv" ] && [ "$(wc -l < "$DATA/train/metadata.csv")" -eq $((TRAIN + 1)) ]; then
   echo "   (already there; delete $DATA to regenerate)"
+else
+  rm -rf "$DATA"
+  "$PY" scripts/make_receipts.py --out "$DATA" --train $TRAIN --val 200 --test 200 --seed 0 --size 224
 fi
 
 echo "== 3/5 all training stages: $CONFIG -> $RUN"
