@@ -130,11 +130,11 @@ def test_gradient_checkpointing_gives_same_outputs_and_grads() -> None:
         assert torch.allclose(p.grad, plain[name], atol=1e-6), name
 
 
-@pytest.mark.parametrize("chunk_tokens, parts", [(256, 5), (600, 3), (10**6, 1)])
-def test_sub_batches_give_the_whole_batch_result(chunk_tokens: int, parts: int) -> None:
-    """Stage 0 sees 16x16 = 256 tokens per image: 256 -> one image per sub-batch, 600 -> two."""
-    whole = randomized(SwinV2Config(**{**CFG.__dict__, "chunk_tokens": None}))
-    split = randomized(SwinV2Config(**{**CFG.__dict__, "chunk_tokens": chunk_tokens}))
+@pytest.mark.parametrize("chunk_mib, parts", [(0.0625, 5), (0.14, 3), (1000.0, 1)])
+def test_sub_batches_give_the_whole_batch_result(chunk_mib: float, parts: int) -> None:
+    """Stage 0's MLP activation is 16x16 tokens x 64 channels x 4 bytes = 1/16 MiB per image."""
+    whole = randomized(SwinV2Config(**{**CFG.__dict__, "chunk_mib": None}))
+    split = randomized(SwinV2Config(**{**CFG.__dict__, "chunk_mib": chunk_mib}))
     x = torch.randn(5, 3, 64, 64)
     calls = []
     split.layers[0].blocks[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
@@ -152,9 +152,9 @@ def test_sub_batches_give_the_whole_batch_result(chunk_tokens: int, parts: int) 
         assert (a.grad - b.grad).abs().max() <= 1e-5 * b.grad.abs().max(), name  # summation order only
 
 
-def test_chunk_tokens_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="chunk_tokens must be a positive number"):
-        SwinV2Config(chunk_tokens=0)
+def test_chunk_mib_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="chunk_mib must be a positive number of MiB or None, got 0"):
+        SwinV2Config(chunk_mib=0)
 
 
 def test_stochastic_depth_only_in_training() -> None:

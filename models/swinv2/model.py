@@ -92,12 +92,13 @@ class SwinV2Config:
         drop_path_rate: stochastic depth rate of the last block (linear from 0).
         layer_norm_eps: eps of the block and final LayerNorms.
         shift_mask_value: additive mask between tokens of different shift regions.
-        chunk_tokens: a stage whose input holds more tokens than this runs its blocks on sub-batches
-            of whole images (at least one) of at most this many tokens and concatenates the results:
-            every op is per image, so the output is the same, while each transient tensor stays small
-            enough to be served again from the allocator's heap (glibc maps every allocation above
-            32 MiB afresh and page-faults it in on each use) and to stay in cache between ops. None
-            never splits. Not part of the architecture: not converted, not saved.
+        chunk_mib: a stage whose largest transient tensor (the MLP hidden activation, tokens x
+            mlp_ratio x C elements) would exceed this many MiB for the whole batch runs its blocks on
+            sub-batches of whole images (at least one) that stay under it, and concatenates the
+            results: every op is per image, so the output is the same, while each transient tensor
+            stays small enough to be served again from the allocator's heap (glibc maps every
+            allocation above 32 MiB afresh and page-faults it in on each use) and to stay in cache
+            between ops. None never splits. Not part of the architecture: not converted, not saved.
     """
 
     img_size: tuple[int, int] = (256, 256)
@@ -116,7 +117,7 @@ class SwinV2Config:
     drop_path_rate: float = 0.1
     layer_norm_eps: float = 1e-5
     shift_mask_value: float = -200.0
-    chunk_tokens: int | None = 4096
+    chunk_mib: float | None = 16.0
 
     def __post_init__(self) -> None:
         n = len(self.depths)
@@ -128,8 +129,8 @@ class SwinV2Config:
                 raise ValueError(f"stage {i}: {self.embed_dim * 2**i} channels not divisible by {heads} heads")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"unknown hidden_act {self.hidden_act!r}; known: {sorted(_ACTIVATIONS)}")
-        if self.chunk_tokens is not None and self.chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be a positive number of tokens or None, got {self.chunk_tokens}")
+        if self.chunk_mib is not None and not self.chunk_mib > 0:
+            raise ValueError(f"chunk_mib must be a positive number of MiB or None, got {self.chunk_mib}")
 
     @property
     def num_stages(self) -> int:
@@ -627,15 +628,17 @@ class SwinV2Stage(nn.Module):
             for i in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
         self.grad_checkpointing = False
-        self.chunk_tokens = cfg.chunk_tokens
+        self.chunk_bytes = None if cfg.chunk_mib is None else cfg.chunk_mib * 2**20
+        self.hidden = int(dim * cfg.mlp_ratio)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, H, W, C) -> (stage output (B, H, W, C), next stage input (B, H', W', C')).
 
-        Runs on sub-batches of at most `chunk_tokens` tokens when the input holds more (same result).
+        Runs on sub-batches of whole images when the batch's MLP activation exceeds `chunk_mib`.
         """
         b, h, w, _ = x.shape
-        images = b if self.chunk_tokens is None else max(1, self.chunk_tokens // (h * w))
+        per_image = h * w * self.hidden * x.element_size()
+        images = b if self.chunk_bytes is None else max(1, int(self.chunk_bytes // per_image))
         if images >= b:
             return self._forward(x)
         parts = [self._forward(part) for part in x.split(images)]
