@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from models.swinv2 import SwinTransformerV2, SwinV2Config
-from models.swinv2.model import (SwinV2Block, relative_position_index, shift_region_mask, window_partition,
+from models.swinv2.model import (SwinV2Block, relative_position_index, scaled_dot_product_attention,
+                                 shift_region_mask, window_partition,
                                  window_reverse)
 
 CFG = SwinV2Config(img_size=(64, 64), patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4),
@@ -150,6 +151,23 @@ def test_sub_batches_give_the_whole_batch_result(chunk_mib: float, parts: int) -
     split.train()(x).last_hidden_state.pow(2).sum().backward()
     for (name, a), b in zip(split.named_parameters(), whole.parameters()):
         assert (a.grad - b.grad).abs().max() <= 1e-5 * b.grad.abs().max(), name  # summation order only
+
+
+def test_cpu_attention_with_trainable_mask_matches_sdpa_and_its_gradients() -> None:
+    """The CPU training kernel (probabilities kept, four-GEMM backward) against autograd through SDPA."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 16, 8, requires_grad=True) for _ in range(3))
+    mask = (torch.randn(1, 4, 16, 16) * 2).requires_grad_()
+    grad = torch.randn(3, 4, 16, 8)
+    ours = scaled_dot_product_attention(q, k, v, mask, dropout=0.0)
+    assert ours.grad_fn.name() == "_CpuAttentionWithMaskGradBackward"
+    ours_grads = torch.autograd.grad(ours, (q, k, v, mask), grad)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, mask), grad)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    for name, a, b in zip("qkv", ours_grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5), name
+    assert ours_grads[3].shape == mask.shape and torch.allclose(ours_grads[3], ref_grads[3], atol=1e-5)
 
 
 def test_chunk_mib_must_be_positive() -> None:

@@ -24,8 +24,9 @@ continuous position bias (16 * sigmoid(MLP(log-spaced coords))) plus the shift m
 computed once per feature-map shape and cached; the cache is keyed by the bias weights' identity
 and version counters, so loading weights or any in-place update (optimizer step, `copy_`)
 invalidates it, and it is dropped on every `train()` / `eval()` switch. For CPU training with a
-trainable bias, PyTorch's SDPA would fall back to its unfused math path; `scaled_dot_product_attention`
-below calls the same fused CPU kernels directly and adds the mask gradient (see its docstring).
+trainable bias, PyTorch's SDPA would fall back to its unfused math path (scaled copies of q and k,
+a safe softmax, an autograd graph of several ops); `scaled_dot_product_attention` below runs the
+same math as one autograd Function that keeps the probabilities and needs four GEMMs in backward.
 """
 
 from __future__ import annotations
@@ -309,37 +310,38 @@ def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
 # Modules
 # ----------------------------------------------------------------------------------------------
 
-class _CpuFusedAttentionWithMaskGrad(torch.autograd.Function):
-    """SDPA's fused CPU kernels plus the attention-mask gradient they do not return.
+class _CpuAttentionWithMaskGrad(torch.autograd.Function):
+    """Attention for CPU training with a trainable additive mask, keeping the probabilities.
 
-    On CPU, `F.scaled_dot_product_attention` with a mask that requires grad (our trainable position
-    bias) falls back to the unfused math path, which stores the (B, G, N, N) probabilities and two
-    scaled copies of q and k. Here the same fused forward / q,k,v-backward kernels that SDPA
-    dispatches to are called directly, and the mask gradient sum_b P * (dP - rowsum(dO * O)) is
-    recomputed in backward from the saved log-sum-exp. Inputs: q, k, v (B, G, N, d); mask (1, G, N, N).
+    Forward: P = softmax(q k^T + mask), out = P v (two GEMMs, like SDPA). Backward from the saved P,
+    four GEMMs and no recomputation: dv = P^T dO, dS = softmax_backward(dO v^T, P), dq = dS k,
+    dk = dS^T q, dmask = sum_b dS. Storing P (N / d times the size of out) instead of out and the
+    log-sum-exp is what buys that. Inputs: q, k, v (B, G, N, d); mask (1, G, N, N).
     """
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=mask, scale=1.0)[:2]
-        ctx.save_for_backward(q, k, v, mask, out, lse)
-        return out
+        scores = torch.matmul(q, k.transpose(-1, -2)).add_(mask)
+        probs = torch.softmax(scores, dim=-1)
+        del scores
+        ctx.save_for_backward(q, k, v, probs)
+        ctx.mask_dtype = mask.dtype
+        return torch.matmul(probs, v)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        q, k, v, mask, out, lse = ctx.saved_tensors
-        grad = grad.contiguous()
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            grad, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=1.0)
-        probs = torch.matmul(q, k.transpose(-1, -2)).add_(mask).sub_(lse.unsqueeze(-1)).exp_()  # (B, G, N, N)
-        dscores = probs.mul_(torch.matmul(grad, v.transpose(-1, -2)).sub_((grad * out).sum(-1, keepdim=True)))
-        return dq, dk, dv, dscores.sum(0, keepdim=True).to(mask.dtype)
+        q, k, v, probs = ctx.saved_tensors
+        dv = torch.matmul(probs.transpose(-1, -2), grad)
+        dscores = torch._softmax_backward_data(torch.matmul(grad, v.transpose(-1, -2)), probs, -1, probs.dtype)
+        dq = torch.matmul(dscores, k)
+        dk = torch.matmul(dscores.transpose(-1, -2), q)
+        return dq, dk, dv, dscores.sum(0, keepdim=True).to(ctx.mask_dtype)
 
 
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout: float) -> Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, mask, scale=1.0)`, fused on CPU even when `mask` needs grad.
+    """`F.scaled_dot_product_attention(q, k, v, mask, scale=1.0)`; on CPU with a mask that needs grad,
+    `_CpuAttentionWithMaskGrad` (the same math with a four-GEMM backward).
 
     Args:
         q, k, v: (B, G, N, d).
@@ -347,7 +349,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, 
         dropout: attention-probability dropout (only the math path supports it with a trainable mask).
     """
     if q.device.type == "cpu" and mask.requires_grad and torch.is_grad_enabled() and dropout == 0.0:
-        return _CpuFusedAttentionWithMaskGrad.apply(q, k, v, mask)
+        return _CpuAttentionWithMaskGrad.apply(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
 
 
