@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models.swinv2 import SwinTransformerV2, SwinV2Config
-from models.swinv2.model import (SwinV2Block, relative_position_index, scaled_dot_product_attention,
-                                 shift_region_mask, window_partition,
+from models.swinv2.model import (SwinV2Block, _ScaledCosineQKV, relative_position_index,
+                                 scaled_dot_product_attention, shift_region_mask, window_partition,
                                  window_reverse)
 
 CFG = SwinV2Config(img_size=(64, 64), patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4),
@@ -168,6 +168,28 @@ def test_cpu_attention_with_trainable_mask_matches_sdpa_and_its_gradients() -> N
     for name, a, b in zip("qkv", ours_grads, ref_grads):
         assert torch.allclose(a, b, atol=1e-5), name
     assert ours_grads[3].shape == mask.shape and torch.allclose(ours_grads[3], ref_grads[3], atol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [0, 3])
+def test_scaled_cosine_qkv_backward_matches_autograd(dim: int) -> None:
+    """Hand-written backward of the q/k normalisation against autograd on the plain formula."""
+    torch.manual_seed(0)
+    shape = (3, 2, 4, 5, 7, 8) if dim == 0 else (2, 4, 7, 3, 5, 8)  # head-major / token-major
+    qkv = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    log_scale = torch.randn(5, 1, 1, dtype=torch.float64, requires_grad=True)
+    def scale() -> torch.Tensor:  # heads on dim -3 (head-major) or -2 (token-major)
+        return log_scale.exp() if dim == 0 else log_scale.exp().view(-1, 1)
+
+    grad = torch.randn(shape, dtype=torch.float64)
+    ours = _ScaledCosineQKV.apply(qkv, scale(), dim)
+    ours_grads = torch.autograd.grad(ours, (qkv, log_scale), grad)
+    q, k, v = qkv.unbind(dim)
+    ref = torch.stack((torch.nn.functional.normalize(q, dim=-1) * scale(), torch.nn.functional.normalize(k, dim=-1),
+                       v), dim=dim)
+    ref_grads = torch.autograd.grad(ref, (qkv, log_scale), grad)
+    assert torch.allclose(ours, ref)
+    for a, b in zip(ours_grads, ref_grads):
+        assert torch.allclose(a, b)
 
 
 def test_chunk_mib_must_be_positive() -> None:
