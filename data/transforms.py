@@ -17,8 +17,8 @@ e.g. `transformers.image_utils.OPENAI_CLIP_MEAN`), resampling is bicubic as in m
 Augmentation is deterministic for a given `torch.Generator` state: every random draw goes through it.
 Its geometry (rotation, crop, and the resize or pad to the encoder's size) is one affine resampling
 pass computed at the output resolution, after an antialiasing integer reduction of a large source;
-the colour, blur and JPEG steps then work on the small output. On the demo's 448 px photos this is
-about 4 ms per image instead of 24 ms for rotating and cropping at full size (docs/data.md).
+the colour, blur and JPEG steps then work on the small output. On 448 px photos this is
+about 2.4 ms per image instead of 24 ms for rotating and cropping at full size (docs/data.md).
 """
 
 from __future__ import annotations
