@@ -357,7 +357,7 @@ class _ScaledCosineQKV(torch.autograd.Function):
     """`factors * qkv` of `WindowAttention._cosine_qkv`, with a backward written for it.
 
     Forward: out = [q / |q| * s, k / |k|, v] (s the per-head logit scale). Backward, per vector, from
-    the saved output and inverse norms only: dq = (s dO_q - out_q (out_q . dO_q) / s) / |q|,
+    the saved output and factors only: dq = (s dO_q - out_q (out_q . dO_q) / s) / |q|,
     dk = (dO_k - out_k (out_k . dO_k)) / |k|, dv = dO_v and ds = sum (out_q . dO_q) / s, i.e. two
     passes over the gradient where autograd's graph (multiply, cat, split, norm) takes six.
     """
@@ -366,21 +366,24 @@ class _ScaledCosineQKV(torch.autograd.Function):
     def forward(ctx: Any, qkv: Tensor, scale: Tensor, dim: int) -> Tensor:
         inv_norm = qkv.norm(dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
         q_inv, k_inv, v_inv = inv_norm.split(1, dim=dim)
-        out = torch.cat((q_inv * scale, k_inv, torch.ones_like(v_inv)), dim=dim) * qkv
-        ctx.save_for_backward(out, inv_norm, scale)
+        factors = torch.cat((q_inv * scale, k_inv, torch.ones_like(v_inv)), dim=dim)
+        out = factors * qkv
+        ctx.save_for_backward(out, factors, scale)
         ctx.dim = dim
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        out, inv_norm, scale = ctx.saved_tensors
-        dot = (out * grad).sum(-1, keepdim=True)
-        (q_inv, k_inv, v_inv), (q_dot, k_dot, _) = inv_norm.split(1, ctx.dim), dot.split(1, ctx.dim)
-        q_dot = q_dot / scale
-        grad_factor = torch.cat((q_inv * scale, k_inv, torch.ones_like(v_inv)), dim=ctx.dim)
-        out_factor = torch.cat((q_inv * q_dot, k_inv * k_dot, torch.zeros_like(v_inv)), dim=ctx.dim)
-        grad_qkv = torch.addcmul(grad * grad_factor, out, out_factor, value=-1.0)
+        out, factors, scale = ctx.saved_tensors
+        dim = ctx.dim
+        # out . dO for q and k only (v passes straight through)
+        dot = (out.narrow(dim, 0, 2) * grad.narrow(dim, 0, 2)).sum(-1, keepdim=True)
+        q_dot, k_dot = dot.split(1, dim)
+        q_dot = q_dot / scale  # q_hat . dO_q
+        q_factor, k_factor, v_factor = factors.split(1, dim)  # s / |q|, 1 / |k|, 1
+        out_factor = torch.cat((q_factor * q_dot / scale, k_factor * k_dot, torch.zeros_like(v_factor)), dim=dim)
+        grad_qkv = torch.addcmul(grad * factors, out, out_factor, value=-1.0)
         return grad_qkv, q_dot.sum_to_size(scale.shape), None
 
 
@@ -659,7 +662,7 @@ class SwinV2Stage(nn.Module):
         self.downsample = PatchMerging(dim) if downsample else None
         self.grad_checkpointing = False
         self.chunk_bytes = None if cfg.chunk_mib is None else cfg.chunk_mib * 2**20
-        self.hidden = int(dim * cfg.mlp_ratio)
+        self.hidden = self.blocks[0].mlp.fc1.out_features if depth else dim
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, H, W, C) -> (stage output (B, H, W, C), next stage input (B, H', W', C')).
