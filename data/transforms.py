@@ -94,11 +94,12 @@ def resize_image(image: Image.Image, size: tuple[int, int], mode: str = "pad",
 def to_tensor(image: Image.Image, mean: tuple[float, float, float],
               std: tuple[float, float, float]) -> torch.Tensor:
     """RGB image -> normalised float tensor (3, H, W): (pixel / 255 - mean) / std."""
-    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    pixels = pixels.view(image.height, image.width, 3).permute(2, 0, 1).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return (pixels - mean_t) / std_t
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
+    out = torch.empty(3, image.height, image.width)
+    out.copy_(pixels.permute(2, 0, 1))  # HWC uint8 -> CHW float in one pass
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)]).view(3, 1, 1)
+    return out.mul_(scale).add_(shift)
 
 
 def _uniform(generator: torch.Generator | None, low: float, high: float) -> float:
