@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.swinv2 import SwinTransformerV2, SwinV2Config
-from models.swinv2.model import (SwinV2Block, _ScaledCosineQKV, relative_position_index,
+from models.swinv2.model import (Mlp, SwinV2Block, _ScaledCosineQKV, relative_position_index,
                                  scaled_dot_product_attention, shift_region_mask, window_partition,
                                  window_reverse)
 
@@ -190,6 +190,27 @@ def test_scaled_cosine_qkv_backward_matches_autograd(dim: int) -> None:
     assert torch.allclose(ours, ref)
     for a, b in zip(ours_grads, ref_grads):
         assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
+def test_mlp_activates_in_place_only_without_gradient(act: str) -> None:
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32, act)
+    x = torch.randn(2, 5, 8)
+    reference = mlp.fc2(mlp.act(mlp.fc1(x)))
+    buffers: dict[str, torch.Tensor] = {}
+    mlp.fc1.register_forward_hook(lambda module, args, out: buffers.update(fc1=out))
+    mlp.fc2.register_forward_pre_hook(lambda module, args: buffers.update(fc2=args[0]))
+    with torch.no_grad():
+        out = mlp(x)
+    torch.testing.assert_close(out, reference, rtol=0, atol=1e-6)
+    assert buffers["fc2"].data_ptr() == buffers["fc1"].data_ptr()  # activated in place
+    # With autograd recording, the pre-activation is kept and the gradient is the reference's.
+    x.requires_grad_(True)
+    (grad,) = torch.autograd.grad(mlp(x).sum(), x)
+    assert buffers["fc2"].data_ptr() != buffers["fc1"].data_ptr()
+    (expected,) = torch.autograd.grad(mlp.fc2(mlp.act(mlp.fc1(x))).sum(), x)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
 
 
 def test_chunk_mib_must_be_positive() -> None:

@@ -516,7 +516,22 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.act(self.fc1(x))))
+        hidden = self.fc1(x)
+        # With no gradient to keep the pre-activation for, activate in place: no second (B, L, 4C)
+        # buffer to allocate and fault in, which cost as much as the activation itself.
+        hidden = self.act(hidden) if hidden.requires_grad else _activate_(self.act, hidden)
+        return self.drop(self.fc2(hidden))
+
+
+def _activate_(act: nn.Module, x: Tensor) -> Tensor:
+    """`act(x)` written into `x` for the activations of `_ACTIVATIONS`."""
+    if isinstance(act, nn.GELU):
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    if isinstance(act, nn.ReLU):
+        return x.relu_()
+    if isinstance(act, nn.SiLU):
+        return F.silu(x, inplace=True)
+    return act(x)
 
 
 class SwinV2Block(nn.Module):
