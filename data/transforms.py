@@ -176,7 +176,9 @@ def _colour_jitter(image: Image.Image, generator: torch.Generator | None, config
     for enhancer, strength in ((ImageEnhance.Brightness, config.brightness),
                                (ImageEnhance.Contrast, config.contrast),
                                (ImageEnhance.Color, config.saturation)):
-        image = enhancer(image).enhance(_uniform(generator, 1.0 - strength, 1.0 + strength))
+        factor = _uniform(generator, 1.0 - strength, 1.0 + strength)  # drawn even when 1: same stream
+        if factor != 1.0:
+            image = enhancer(image).enhance(factor)
     return image
 
 

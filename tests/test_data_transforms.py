@@ -139,3 +139,13 @@ def test_rotation_fills_the_uncovered_corners() -> None:
     outs = [augment_image(black, _generator(seed), turned, fill=(255, 0, 0), size=(64, 64)) for seed in range(4)]
     assert any(out.getpixel((0, 0)) == (255, 0, 0) for out in outs)  # a corner outside the turned square
     assert all(out.getpixel((32, 32)) == (0, 0, 0) for out in outs)  # the centre stays image
+
+
+def test_colour_jitter_off_skips_the_work_but_keeps_the_random_stream() -> None:
+    image = _busy_image()
+    jitter = AugmentConfig(**{**_GEOMETRY_ONLY.__dict__, "brightness": 0.25, "contrast": 0.25, "saturation": 0.25})
+    with_jitter, without = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert augment_image(image, with_jitter, jitter).tobytes() != image.tobytes()
+    assert augment_image(image, without, _GEOMETRY_ONLY).tobytes() == image.tobytes()
+    # Same number of draws either way, so turning colour off does not reshuffle the other augmentations.
+    assert torch.equal(with_jitter.get_state(), without.get_state())
