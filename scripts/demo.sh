@@ -17,7 +17,14 @@ echo "== 2/5 synthetic receipt-count data ($TRAIN training images) -> $DATA"
 if [ -f "$DATA/test/metadata.csv" ] && [ "$(wc -l < "$DATA/train/metadata.csv")" -eq $((TRAIN + 1)) ]; then
   echo "   (already there; delete $DATA to regenerate)"
 else
-  rm -rf "$DATA"
+  if [ -e "$DATA" ]; then
+    # Replace only a set this script generated (make_receipts.py writes contact_sheet.png); never a user's folder.
+    if [ ! -f "$DATA/contact_sheet.png" ]; then
+      echo "error: $DATA exists but is not a generated demo set with $TRAIN training images; set DEMO_DATA to another folder" >&2
+      exit 1
+    fi
+    rm -rf "$DATA"
+  fi
   "$PY" scripts/make_receipts.py --out "$DATA" --train $TRAIN --val 200 --test 200 --seed 0 --size 224
 fi
 
