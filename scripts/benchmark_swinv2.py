@@ -19,6 +19,7 @@ Method:
 Usage:
     python scripts/benchmark_swinv2.py                 # full: batch 8, 7 repeats, 3 memory children
     python scripts/benchmark_swinv2.py --repeats 3 --memory-repeats 1 --cases eval_w8
+    python scripts/benchmark_swinv2.py --backends --device cuda --dtype bfloat16   # the GPU check
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -64,12 +65,12 @@ CASES = {
 }
 
 
-def build_models(window: int, seed: int = 0) -> tuple[nn.Module, nn.Module]:
-    """(transformers Swinv2Model, in-house model) with identical random weights."""
+def build_models(window: int, seed: int = 0, shape: dict | None = None) -> tuple[nn.Module, nn.Module]:
+    """(transformers Swinv2Model, in-house model) with identical random weights (`TINY_SHAPE` unless `shape`)."""
     from transformers import Swinv2Config, Swinv2Model
 
     torch.manual_seed(seed)
-    hf = Swinv2Model(Swinv2Config(window_size=window, drop_path_rate=0.0, **TINY_SHAPE))
+    hf = Swinv2Model(Swinv2Config(window_size=window, drop_path_rate=0.0, **(shape or TINY_SHAPE)))
     return hf, from_transformers(hf)
 
 
@@ -159,6 +160,85 @@ def peak_memory(impl: str, window: int, batch: int, threads: int) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
+# -- SDPA backends on a GPU ---------------------------------------------------------------------------
+
+BACKENDS = ("flash", "efficient", "math")
+
+
+def backend_rows(device: str, dtype: torch.dtype, window: int, batch: int, repeats: int, warmup: int,
+                 shape: dict | None = None) -> list[list[str]]:
+    """Eval forward and train step of transformers' eager Swinv2Model and of the in-house model under
+    each SDPA backend, in `dtype` on `device`, same weights.
+
+    Each row: case, model, median ms, speed-up over the eager reference, max |difference| of the eval
+    output from the float32 eager output (eval rows only), peak allocated memory in MiB over the
+    step's starting allocation (CUDA only). A backend that cannot run the model (the flash kernels take
+    no additive mask, and Swin V2 always needs one for its position bias) gets a row saying why
+    instead of a time.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "math": SDPBackend.MATH}
+    hf, ours = build_models(window, shape=shape)
+    side = (shape or TINY_SHAPE)["image_size"]
+    x = torch.randn(batch, 3, side, side, device=device)
+    hf.to(device).eval()
+    ours.to(device)
+    with torch.no_grad():
+        reference = hf(x).last_hidden_state.float()
+    hf.to(dtype)
+    ours.to(dtype)
+    x = x.to(dtype)
+    cuda = torch.device(device).type == "cuda"
+    candidates = {"transformers (eager)": (hf, None)} | {f"in-house, SDPA {b}": (ours, kernels[b]) for b in BACKENDS}
+
+    def under(backend: Any, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            if backend is None:
+                out = fn()
+            else:
+                with sdpa_kernel(backend):
+                    out = fn()
+            if cuda:
+                torch.cuda.synchronize()
+            return out
+        return run
+
+    rows = []
+    for mode in ("eval", "train"):
+        steps, notes = {}, {}
+        for name, (model, backend) in candidates.items():
+            step = under(backend, make_step(model, x, mode))
+            try:
+                step()
+            except RuntimeError as err:  # the backend refused these inputs
+                notes[name] = f"not available: {str(err).strip().split('. ')[0][:160]}"
+                continue
+            steps[name] = step
+        times = alternate_timings(steps, repeats, warmup) if steps else {}
+        base = times.get("transformers (eager)")
+        for name, (model, backend) in candidates.items():
+            if name in notes:
+                rows.append([mode, name, notes[name], "", "", ""])
+                continue
+            diff = ""
+            if mode == "eval":
+                model.eval()
+                with torch.no_grad():
+                    out = under(backend, lambda: model(x).last_hidden_state)()
+                diff = f"{(out.float() - reference).abs().max().item():.2e}"
+            peak = ""
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+                start = torch.cuda.memory_allocated()
+                steps[name]()
+                peak = f"{(torch.cuda.max_memory_allocated() - start) / 2**20:.0f}"
+            speedup = f"{base / times[name]:.2f}x" if base else ""
+            rows.append([mode, name, f"{1e3 * times[name]:.1f}", speedup, diff, peak])
+    return rows
+
+
 # -- report --------------------------------------------------------------------------------------------
 
 def run_case(case: Case, args: argparse.Namespace, peak: float) -> list[str]:
@@ -191,6 +271,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-repeats", type=int, default=3, help="child processes per model; 0 skips")
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--backends", action="store_true",
+                        help="instead: the SDPA-backend table (flash, efficient, math against transformers' "
+                             "eager attention) on --device in --dtype, window 8")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device of the --backends table")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                        help="dtype of the --backends table")
     parser.add_argument("--memory-child", choices=["transformers", "inhouse"], help=argparse.SUPPRESS)
     parser.add_argument("--window", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -199,6 +286,9 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
+    if args.backends:
+        print_backend_table(args)
+        return
     peak = matmul_gflops(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, float32, swinv2-tiny shape "
           f"(embed 96, depths 2-2-6-2, heads 3-6-12-24), batch {args.batch}, median of {args.repeats}, "
@@ -209,6 +299,21 @@ def main() -> None:
     for name in args.cases:
         for row in run_case(CASES[name], args, peak):
             print(row, flush=True)
+
+
+def print_backend_table(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {args.threads} threads"
+    print(f"torch {torch.__version__}, {name}, {args.dtype}, swinv2-tiny shape, 256x256 window 8, "
+          f"batch {args.batch}, median of {args.repeats}; max |diff| is the eval output against the "
+          f"float32 eager output\n")
+    if device.type == "cpu":
+        print("(on CPU a train step with a trainable position bias uses the project's own attention "
+              "function whatever the backend)\n")
+    print("| mode | model | ms | speed-up vs eager | max abs diff vs fp32 | peak MiB |")
+    print("|---|---|---|---|---|---|")
+    for row in backend_rows(args.device, getattr(torch, args.dtype), 8, args.batch, args.repeats, args.warmup):
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -241,3 +241,22 @@ def test_a_size_swin_refuses_becomes_a_note(monkeypatch: pytest.MonkeyPatch, cap
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
     assert "note: swin at 64: skipped" in printed and "window_size" in printed
+
+
+# ------------------------------------------------------------------- Swin V2 SDPA-backend table
+def test_swinv2_backend_table_runs_each_backend_and_matches_the_eager_output() -> None:
+    """The GPU check's table, run on CPU in float32: every backend CPU has reproduces transformers'
+    eager output (parity), the one it lacks is reported as not available, not as a crash."""
+    swinv2_bench = load_script("benchmark_swinv2")
+    shape = dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], image_size=64)
+    rows = swinv2_bench.backend_rows("cpu", torch.float32, window=8, batch=2, repeats=1, warmup=0, shape=shape)
+    assert [(r[0], r[1]) for r in rows] == [
+        (mode, name) for mode in ("eval", "train")
+        for name in ("transformers (eager)", "in-house, SDPA flash", "in-house, SDPA efficient", "in-house, SDPA math")]
+    by_name = {(r[0], r[1]): r for r in rows}
+    assert by_name[("eval", "in-house, SDPA efficient")][2].startswith("not available:")  # no CPU kernel
+    for name in ("transformers (eager)", "in-house, SDPA flash", "in-house, SDPA math"):
+        mode, _, ms, speedup, diff, _ = by_name[("eval", name)]
+        assert float(ms) > 0 and speedup.endswith("x")
+        assert float(diff) <= 1e-4, (name, diff)
+    assert float(by_name[("train", "in-house, SDPA math")][2]) > 0
