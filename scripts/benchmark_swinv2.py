@@ -170,7 +170,7 @@ def backend_rows(device: str, dtype: torch.dtype, window: int, batch: int, repea
     """Eval forward and train step of transformers' eager Swinv2Model and of the in-house model under
     each SDPA backend, in `dtype` on `device`, same weights.
 
-    Each row: case, model, median ms, speed-up over the eager reference, max |difference| of the eval
+    Each row: mode, model, median ms, speed-up over the eager reference, max |difference| of the eval
     output from the float32 eager output (eval rows only), peak allocated memory in MiB over the
     step's starting allocation (CUDA only). A backend that cannot run the model (the flash kernels take
     no additive mask, and Swin V2 always needs one for its position bias) gets a row saying why
@@ -212,8 +212,8 @@ def backend_rows(device: str, dtype: torch.dtype, window: int, batch: int, repea
             step = under(backend, make_step(model, x, mode))
             try:
                 step()
-            except RuntimeError as err:  # the backend refused these inputs
-                notes[name] = f"not available: {str(err).strip().split('. ')[0][:160]}"
+            except RuntimeError as err:  # e.g. the backend refused these inputs: torch says why
+                notes[name] = f"not run: {str(err).strip().split('. ')[0][:160]}"
                 continue
             steps[name] = step
         times = alternate_timings(steps, repeats, warmup) if steps else {}
