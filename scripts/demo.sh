@@ -14,7 +14,8 @@ echo "== 1/5 tiny random checkpoints (InternVL2, Swin, Swin V2) -> checkpoints/t
 
 TRAIN=6000
 echo "== 2/5 synthetic receipt-count data ($TRAIN training images) -> $DATA"
-if [ -f "$DATA/test/metadata.csv" ] && [ "$(wc -l < "$DATA/train/metadata.csv")" -eq $((TRAIN + 1)) ]; then
+if [ -f "$DATA/test/metadata.csv" ] && [ -f "$DATA/train/metadata.csv" ] \
+   && [ "$(wc -l < "$DATA/train/metadata.csv")" -eq $((TRAIN + 1)) ]; then
   echo "   (already there; delete $DATA to regenerate)"
 else
   if [ -e "$DATA" ]; then

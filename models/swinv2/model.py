@@ -364,9 +364,10 @@ class _ScaledCosineQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, qkv: Tensor, scale: Tensor, dim: int) -> Tensor:
-        inv_norm = qkv.norm(dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
-        q_inv, k_inv, v_inv = inv_norm.split(1, dim=dim)
-        factors = torch.cat((q_inv * scale, k_inv, torch.ones_like(v_inv)), dim=dim)
+        # norms of q and k only: v is passed through with a factor of 1
+        inv_norm = qkv.narrow(dim, 0, 2).norm(dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+        q_inv, k_inv = inv_norm.split(1, dim=dim)
+        factors = torch.cat((q_inv * scale, k_inv, torch.ones_like(k_inv)), dim=dim)
         out = factors * qkv
         ctx.save_for_backward(out, factors, scale)
         ctx.dim = dim
