@@ -332,6 +332,7 @@ class _CpuAttentionWithMaskGrad(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         q, k, v, probs = ctx.saved_tensors
+        grad = grad.contiguous()  # it arrives token-major; two GEMMs read it, so lay it out once
         dv = torch.matmul(probs.transpose(-1, -2), grad)
         dscores = torch._softmax_backward_data(torch.matmul(grad, v.transpose(-1, -2)), probs, -1, probs.dtype)
         dq = torch.matmul(dscores, k)
@@ -339,16 +340,21 @@ class _CpuAttentionWithMaskGrad(torch.autograd.Function):
         return dq, dk, dv, dscores.sum(0, keepdim=True).to(ctx.mask_dtype)
 
 
+def _runs_cpu_mask_grad(device: torch.device, mask: Tensor, dropout: float) -> bool:
+    """Whether `scaled_dot_product_attention` takes `_CpuAttentionWithMaskGrad` for these inputs."""
+    return device.type == "cpu" and mask.requires_grad and torch.is_grad_enabled() and dropout == 0.0
+
+
 def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout: float) -> Tensor:
     """`F.scaled_dot_product_attention(q, k, v, mask, scale=1.0)`; on CPU with a mask that needs grad,
     `_CpuAttentionWithMaskGrad` (the same math with a four-GEMM backward).
 
     Args:
-        q, k, v: (B, G, N, d).
+        q, k, v: (B, G, N, d); contiguous for `_CpuAttentionWithMaskGrad`, or its GEMMs copy them.
         mask: additive (1, G, N, N).
         dropout: attention-probability dropout (only the math path supports it with a trainable mask).
     """
-    if q.device.type == "cpu" and mask.requires_grad and torch.is_grad_enabled() and dropout == 0.0:
+    if _runs_cpu_mask_grad(q.device, mask, dropout):
         return _CpuAttentionWithMaskGrad.apply(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
 
@@ -365,12 +371,15 @@ class _ScaledCosineQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, qkv: Tensor, scale: Tensor, dim: int) -> Tensor:
         # norms of q and k only: v is passed through with a factor of 1
-        inv_norm = qkv.narrow(dim, 0, 2).norm(dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
+        inv_norm = qkv.narrow(dim, 0, 2).norm(dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()
         q_inv, k_inv = inv_norm.split(1, dim=dim)
         factors = torch.cat((q_inv * scale, k_inv, torch.ones_like(k_inv)), dim=dim)
         out = factors * qkv
         ctx.save_for_backward(out, factors, scale)
         ctx.dim = dim
+        # qkv is a permuted view of the projection's output; a gradient in that memory layout
+        # passes back through the permute and view for free instead of being copied to it
+        ctx.grad_layout = torch.empty_like(qkv, device="meta")
         return out
 
     @staticmethod
@@ -379,12 +388,14 @@ class _ScaledCosineQKV(torch.autograd.Function):
         out, factors, scale = ctx.saved_tensors
         dim = ctx.dim
         # out . dO for q and k only (v passes straight through)
-        dot = (out.narrow(dim, 0, 2) * grad.narrow(dim, 0, 2)).sum(-1, keepdim=True)
+        dot = torch.linalg.vecdot(out.narrow(dim, 0, 2), grad.narrow(dim, 0, 2)).unsqueeze(-1)
         q_dot, k_dot = dot.split(1, dim)
         q_dot = q_dot / scale  # q_hat . dO_q
         q_factor, k_factor, v_factor = factors.split(1, dim)  # s / |q|, 1 / |k|, 1
         out_factor = torch.cat((q_factor * q_dot / scale, k_factor * k_dot, torch.zeros_like(v_factor)), dim=dim)
-        grad_qkv = torch.addcmul(grad * factors, out, out_factor, value=-1.0)
+        layout = ctx.grad_layout
+        grad_qkv = torch.empty_strided(layout.shape, layout.stride(), dtype=grad.dtype, device=grad.device)
+        torch.mul(grad, factors, out=grad_qkv).addcmul_(out, out_factor, value=-1.0)
         return grad_qkv, q_dot.sum_to_size(scale.shape), None
 
 
@@ -474,18 +485,22 @@ class WindowAttention(nn.Module):
         h, d = self.num_heads, c // self.num_heads
         qkv = self.qkv(x).view(b, nw, n, 3, h, d)
         dropout = self.attn_drop if self.training else 0.0
-        if attn_mask.shape[1] == h:
+        shared_mask = attn_mask.shape[1] == h
+        if shared_mask and not _runs_cpu_mask_grad(x.device, attn_mask, dropout):
             # One mask for every window: windows are the batch. q, k, v stay token-major strided
             # views (no transpose copies) and the fused kernel's output is token-major too.
             q, k, v = self._cosine_qkv(qkv, dim_of_qkv=3).unbind(3)  # each (B, nW, N, h, d)
             q, k, v = (t.reshape(b * nw, n, h, d).transpose(1, 2) for t in (q, k, v))
             out = scaled_dot_product_attention(q, k, v, attn_mask, dropout).transpose(1, 2)  # (B*nW, N, h, d)
         else:
-            # A mask per window: fold windows into the "heads" axis so the 4-D fused kernel broadcasts
-            # one (1, nW * h, N, N) mask over the batch instead of materialising B copies of it.
-            # That needs q, k, v head-major, which the normalising multiply writes directly.
+            # Head-major q, k, v, which the normalising multiply writes directly. With a mask per
+            # window, windows fold into the "heads" axis so the 4-D kernel broadcasts one
+            # (1, nW * h, N, N) mask over the batch instead of materialising B copies of it. CPU
+            # training's attention runs plain GEMMs, which would copy token-major views to this
+            # layout on every use (twice forward, twice more backward).
             q, k, v = self._cosine_qkv(qkv.permute(3, 0, 1, 4, 2, 5), dim_of_qkv=0).unbind(0)  # (B, nW, h, N, d)
-            q, k, v = (t.view(b, nw * h, n, d) for t in (q, k, v))
+            groups = (b * nw, h) if shared_mask else (b, nw * h)
+            q, k, v = (t.reshape(*groups, n, d) for t in (q, k, v))
             out = scaled_dot_product_attention(q, k, v, attn_mask, dropout)
             out = out.view(b, nw, h, n, d).transpose(2, 3)
         return self.proj_drop(self.proj(out.reshape(b, nw, n, c)))
@@ -704,7 +719,12 @@ class SwinV2Stage(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patch projection then LayerNorm; pads the image to a patch multiple."""
+    """Non-overlapping patch projection then LayerNorm; pads the image to a patch multiple.
+
+    The projection keeps the checkpoints' Conv2d parameter, but runs as what a convolution with
+    stride == kernel is: one GEMM over the flattened patches, whose output is already channels-last.
+    The convolution would produce NCHW and cost a layout copy of the (B, h, w, C) map both ways.
+    """
 
     def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
         super().__init__()
@@ -718,7 +738,14 @@ class PatchEmbed(nn.Module):
         pad_b, pad_r = (-x.shape[2]) % p, (-x.shape[3]) % p
         if pad_b or pad_r:
             x = F.pad(x, (0, pad_r, 0, pad_b))
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        if type(self.proj) is not nn.Conv2d or self.proj._forward_hooks or self.proj._forward_pre_hooks:
+            # wrapped or hooked (a peft adapter, a feature hook): let the module run itself
+            return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        b, c, h, w = x.shape
+        # (B, C_in, h, p, w, p) -> (B, h, w, C_in, p, p): each patch flattened like the kernel
+        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h // p, w // p, -1)
+        weight = self.proj.weight
+        return self.norm(F.linear(patches, weight.reshape(weight.shape[0], -1), self.proj.bias))
 
 
 class SwinTransformerV2(nn.Module):
