@@ -159,7 +159,7 @@ def test_cpu_attention_with_trainable_mask_matches_sdpa_and_its_gradients() -> N
     q, k, v = (torch.randn(3, 4, 16, 8, requires_grad=True) for _ in range(3))
     mask = (torch.randn(1, 4, 16, 16) * 2).requires_grad_()
     grad = torch.randn(3, 4, 16, 8)
-    ours = scaled_dot_product_attention(q, k, v, mask, dropout=0.0)
+    ours = scaled_dot_product_attention(torch.stack((q, k, v)), mask, dropout=0.0)
     assert ours.grad_fn.name() == "_CpuAttentionWithMaskGradBackward"
     ours_grads = torch.autograd.grad(ours, (q, k, v, mask), grad)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)

@@ -316,28 +316,33 @@ class _CpuAttentionWithMaskGrad(torch.autograd.Function):
     Forward: P = softmax(q k^T + mask), out = P v (two GEMMs, like SDPA). Backward from the saved P,
     four GEMMs and no recomputation: dv = P^T dO, dS = softmax_backward(dO v^T, P), dq = dS k,
     dk = dS^T q, dmask = sum_b dS. Storing P (N / d times the size of out) instead of out and the
-    log-sum-exp is what buys that. Inputs: q, k, v (B, G, N, d); mask (1, G, N, N).
+    log-sum-exp is what buys that. Inputs: qkv (3, B, G, N, d), q, k, v stacked; mask (1, G, N, N).
+    The GEMMs write dq, dk and dv into one stacked gradient, so nothing has to stack them again.
     """
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    def forward(ctx: Any, qkv: Tensor, mask: Tensor) -> Tensor:
+        q, k, v = qkv.unbind(0)
         scores = torch.matmul(q, k.transpose(-1, -2)).add_(mask)
         probs = torch.softmax(scores, dim=-1)
         del scores
-        ctx.save_for_backward(q, k, v, probs)
+        ctx.save_for_backward(qkv, probs)
         ctx.mask_dtype = mask.dtype
         return torch.matmul(probs, v)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        q, k, v, probs = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        qkv, probs = ctx.saved_tensors
+        q, k, v = qkv.unbind(0)
         grad = grad.contiguous()  # it arrives token-major; two GEMMs read it, so lay it out once
-        dv = torch.matmul(probs.transpose(-1, -2), grad)
+        grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+        dq, dk, dv = grad_qkv.unbind(0)
+        torch.matmul(probs.transpose(-1, -2), grad, out=dv)
         dscores = torch._softmax_backward_data(torch.matmul(grad, v.transpose(-1, -2)), probs, -1, probs.dtype)
-        dq = torch.matmul(dscores, k)
-        dk = torch.matmul(dscores.transpose(-1, -2), q)
-        return dq, dk, dv, dscores.sum(0, keepdim=True).to(ctx.mask_dtype)
+        torch.matmul(dscores, k, out=dq)
+        torch.matmul(dscores.transpose(-1, -2), q, out=dk)
+        return grad_qkv, dscores.sum(0, keepdim=True).to(ctx.mask_dtype)
 
 
 def _runs_cpu_mask_grad(device: torch.device, mask: Tensor, dropout: float) -> bool:
@@ -345,17 +350,22 @@ def _runs_cpu_mask_grad(device: torch.device, mask: Tensor, dropout: float) -> b
     return device.type == "cpu" and mask.requires_grad and torch.is_grad_enabled() and dropout == 0.0
 
 
-def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout: float) -> Tensor:
+def scaled_dot_product_attention(qkv: Tensor, mask: Tensor, dropout: float) -> Tensor:
     """`F.scaled_dot_product_attention(q, k, v, mask, scale=1.0)`; on CPU with a mask that needs grad,
     `_CpuAttentionWithMaskGrad` (the same math with a four-GEMM backward).
 
     Args:
-        q, k, v: (B, G, N, d); contiguous for `_CpuAttentionWithMaskGrad`, or its GEMMs copy them.
+        qkv: (3, B, G, N, d), q, k and v stacked; contiguous for `_CpuAttentionWithMaskGrad`, or
+            its GEMMs copy them.
         mask: additive (1, G, N, N).
         dropout: attention-probability dropout (only the math path supports it with a trainable mask).
+
+    Returns:
+        (B, G, N, d).
     """
-    if _runs_cpu_mask_grad(q.device, mask, dropout):
-        return _CpuAttentionWithMaskGrad.apply(q, k, v, mask)
+    if _runs_cpu_mask_grad(qkv.device, mask, dropout):
+        return _CpuAttentionWithMaskGrad.apply(qkv, mask)
+    q, k, v = qkv.unbind(0)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
 
 
@@ -489,19 +499,17 @@ class WindowAttention(nn.Module):
         if shared_mask and not _runs_cpu_mask_grad(x.device, attn_mask, dropout):
             # One mask for every window: windows are the batch. q, k, v stay token-major strided
             # views (no transpose copies) and the fused kernel's output is token-major too.
-            q, k, v = self._cosine_qkv(qkv, dim_of_qkv=3).unbind(3)  # each (B, nW, N, h, d)
-            q, k, v = (t.reshape(b * nw, n, h, d).transpose(1, 2) for t in (q, k, v))
-            out = scaled_dot_product_attention(q, k, v, attn_mask, dropout).transpose(1, 2)  # (B*nW, N, h, d)
+            qkv = self._cosine_qkv(qkv, dim_of_qkv=3).view(b * nw, n, 3, h, d).permute(2, 0, 3, 1, 4)
+            out = scaled_dot_product_attention(qkv, attn_mask, dropout).transpose(1, 2)  # (B*nW, N, h, d)
         else:
             # Head-major q, k, v, which the normalising multiply writes directly. With a mask per
             # window, windows fold into the "heads" axis so the 4-D kernel broadcasts one
             # (1, nW * h, N, N) mask over the batch instead of materialising B copies of it. CPU
             # training's attention runs plain GEMMs, which would copy token-major views to this
             # layout on every use (twice forward, twice more backward).
-            q, k, v = self._cosine_qkv(qkv.permute(3, 0, 1, 4, 2, 5), dim_of_qkv=0).unbind(0)  # (B, nW, h, N, d)
+            qkv = self._cosine_qkv(qkv.permute(3, 0, 1, 4, 2, 5), dim_of_qkv=0)  # (3, B, nW, h, N, d)
             groups = (b * nw, h) if shared_mask else (b, nw * h)
-            q, k, v = (t.reshape(*groups, n, d) for t in (q, k, v))
-            out = scaled_dot_product_attention(q, k, v, attn_mask, dropout)
+            out = scaled_dot_product_attention(qkv.view(3, *groups, n, d), attn_mask, dropout)
             out = out.view(b, nw, h, n, d).transpose(2, 3)
         return self.proj_drop(self.proj(out.reshape(b, nw, n, c)))
 
