@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models.swinv2 import SwinTransformerV2, SwinV2Config
-from models.swinv2.model import (Mlp, SwinV2Block, _ScaledCosineQKV, relative_position_index,
+from models.swinv2.model import (Mlp, PatchEmbed, SwinV2Block, _ScaledCosineQKV, relative_position_index,
                                  scaled_dot_product_attention, shift_region_mask, window_partition,
                                  window_reverse)
 
@@ -174,22 +174,58 @@ def test_cpu_attention_with_trainable_mask_matches_sdpa_and_its_gradients() -> N
 def test_scaled_cosine_qkv_backward_matches_autograd(dim: int) -> None:
     """Hand-written backward of the q/k normalisation against autograd on the plain formula."""
     torch.manual_seed(0)
-    shape = (3, 2, 4, 5, 7, 8) if dim == 0 else (2, 4, 7, 3, 5, 8)  # head-major / token-major
-    qkv = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    # the projection's output is token-major (B, nW, N, 3, h, d); head-major is a permuted view of it
+    projected = torch.randn(2, 4, 7, 3, 5, 8, dtype=torch.float64, requires_grad=True)
     log_scale = torch.randn(5, 1, 1, dtype=torch.float64, requires_grad=True)
+    def qkv() -> torch.Tensor:
+        return projected.permute(3, 0, 1, 4, 2, 5) if dim == 0 else projected
+
     def scale() -> torch.Tensor:  # heads on dim -3 (head-major) or -2 (token-major)
         return log_scale.exp() if dim == 0 else log_scale.exp().view(-1, 1)
 
-    grad = torch.randn(shape, dtype=torch.float64)
-    ours = _ScaledCosineQKV.apply(qkv, scale(), dim)
-    ours_grads = torch.autograd.grad(ours, (qkv, log_scale), grad)
-    q, k, v = qkv.unbind(dim)
+    grad = torch.randn(qkv().shape, dtype=torch.float64)
+    view = qkv()
+    layouts = []
+    view.register_hook(lambda g: layouts.append(g.stride()))
+    ours = _ScaledCosineQKV.apply(view, scale(), dim)
+    ours_grads = torch.autograd.grad(ours, (projected, log_scale), grad)
+    assert layouts == [view.stride()]  # the gradient comes back in the input's layout: no copy to it
+    q, k, v = qkv().unbind(dim)
     ref = torch.stack((torch.nn.functional.normalize(q, dim=-1) * scale(), torch.nn.functional.normalize(k, dim=-1),
                        v), dim=dim)
-    ref_grads = torch.autograd.grad(ref, (qkv, log_scale), grad)
+    ref_grads = torch.autograd.grad(ref, (projected, log_scale), grad)
     assert torch.allclose(ours, ref)
     for a, b in zip(ours_grads, ref_grads):
         assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("size", [(32, 48), (30, 45)])
+def test_patch_embedding_gemm_matches_the_convolution(size: tuple[int, int]) -> None:
+    """The GEMM over flattened patches against the convolution it replaces, padding included."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch_size=4, in_chans=3, dim=16)
+    x = torch.randn(2, 3, *size)
+    ours = embed(x)
+    pad_b, pad_r = (-size[0]) % 4, (-size[1]) % 4
+    ref = embed.norm(embed.proj(torch.nn.functional.pad(x, (0, pad_r, 0, pad_b))).permute(0, 2, 3, 1))
+    assert ours.shape == (2, -(-size[0] // 4), -(-size[1] // 4), 16)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    weights = (embed.proj.weight, embed.proj.bias)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ours, weights, grad), torch.autograd.grad(ref, weights, grad)):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_patch_embedding_runs_a_hooked_projection_as_a_module() -> None:
+    """A forward hook on the projection (as feature extractors and adapters install) is honoured."""
+    torch.manual_seed(0)
+    embed = PatchEmbed(patch_size=4, in_chans=3, dim=16)
+    x = torch.randn(1, 3, 16, 16)
+    plain = embed(x)
+    embed.proj.register_forward_hook(lambda module, args, out: out + torch.arange(16.0).view(1, -1, 1, 1))
+    hooked = embed(x)
+    assert torch.allclose(hooked, embed.norm((embed.proj(x)).permute(0, 2, 3, 1)), atol=1e-5)
+    assert not torch.allclose(hooked, plain, atol=1e-3)
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
