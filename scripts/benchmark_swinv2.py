@@ -249,7 +249,7 @@ def run_case(case: Case, args: argparse.Namespace, peak: float) -> list[str]:
     t = alternate_timings(steps, args.repeats, args.warmup)
     speedup = t["transformers"] / t["inhouse"]
     gflops = {k: flops / v / 1e9 for k, v in t.items()}
-    rows = [f"| {case.name} | {t['transformers']:.3f} | {t['inhouse']:.3f} | **{speedup:.2f}x** | "
+    rows = [f"| {case.name} | {t['transformers']:.3f} | {t['inhouse']:.3f} | **{speedup:.3f}x** | "
             f">= {case.target}x | {'yes' if speedup >= case.target else 'NO'} | "
             f"{gflops['transformers']:.1f} / {gflops['inhouse']:.1f} | "
             f"{100 * gflops['transformers'] / peak:.0f}% / {100 * gflops['inhouse'] / peak:.0f}% |"]
