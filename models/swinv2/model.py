@@ -774,14 +774,21 @@ class PatchEmbed(nn.Module):
         pad_b, pad_r = (-x.shape[2]) % p, (-x.shape[3]) % p
         if pad_b or pad_r:
             x = F.pad(x, (0, pad_r, 0, pad_b))
-        if type(self.proj) is not nn.Conv2d or self.proj._forward_hooks or self.proj._forward_pre_hooks:
-            # wrapped or hooked (a peft adapter, a feature hook): let the module run itself
+        if not self._projection_is_patch_gemm():
             return self.norm(self.proj(x).permute(0, 2, 3, 1))
         b, c, h, w = x.shape
         # (B, C_in, h, p, w, p) -> (B, h, w, C_in, p, p): each patch flattened like the kernel
         patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h // p, w // p, -1)
         weight = self.proj.weight
         return self.norm(F.linear(patches, weight.reshape(weight.shape[0], -1), self.proj.bias))
+
+    def _projection_is_patch_gemm(self) -> bool:
+        """Whether `proj` is still the plain stride == kernel convolution built here. A wrapped or
+        hooked one (a peft adapter, a feature hook) or a reconfigured one runs as a module."""
+        conv, p = self.proj, self.patch_size
+        return (type(conv) is nn.Conv2d and conv.kernel_size == conv.stride == (p, p) and conv.padding == (0, 0)
+                and conv.dilation == (1, 1) and conv.groups == 1 and not conv._forward_hooks
+                and not conv._forward_pre_hooks)
 
 
 class SwinTransformerV2(nn.Module):
