@@ -346,8 +346,9 @@ class _CpuAttentionWithMaskGrad(torch.autograd.Function):
     def forward(ctx: Any, qkv: Tensor, mask: Tensor) -> Tensor:
         q, k, v = qkv.unbind(0)
         scores = torch.matmul(q, k.transpose(-1, -2)).add_(mask)
-        probs = torch.softmax(scores, dim=-1)
-        del scores
+        # softmax and its backward below run in place (each row is reduced before it is written),
+        # so the scores buffer becomes the probabilities, and the probability gradient dS
+        probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
         ctx.save_for_backward(qkv, probs)
         ctx.mask_dtype = mask.dtype
         return torch.matmul(probs, v)
@@ -361,7 +362,8 @@ class _CpuAttentionWithMaskGrad(torch.autograd.Function):
         grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
         dq, dk, dv = grad_qkv.unbind(0)
         torch.matmul(probs.transpose(-1, -2), grad, out=dv)
-        dscores = torch._softmax_backward_data(torch.matmul(grad, v.transpose(-1, -2)), probs, -1, probs.dtype)
+        dprobs = torch.matmul(grad, v.transpose(-1, -2))
+        dscores = torch.ops.aten._softmax_backward_data.out(dprobs, probs, -1, probs.dtype, grad_input=dprobs)
         torch.matmul(dscores, k, out=dq)
         torch.matmul(dscores.transpose(-1, -2), q, out=dk)
         return grad_qkv, dscores.sum(0, keepdim=True).to(ctx.mask_dtype)
