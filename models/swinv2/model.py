@@ -679,8 +679,9 @@ class SwinV2Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
-        x = x + self.drop_path(self.norm1(self._shifted_window_attention(x)))
-        return x + self.drop_path(self.norm2(self.mlp(x)))
+        # the residual is added into the normalised branch, a fresh tensor that no backward reads
+        x = self.drop_path(self.norm1(self._shifted_window_attention(x))).add_(x)
+        return self.drop_path(self.norm2(self.mlp(x))).add_(x)
 
 
 class PatchMerging(nn.Module):
