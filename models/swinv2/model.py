@@ -393,6 +393,13 @@ def scaled_dot_product_attention(qkv: Tensor, mask: Tensor, dropout: float) -> T
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
 
 
+def _cosine_factors(qkv: Tensor, scale: Tensor, dim: int) -> Tensor:
+    """[s / |q|, 1 / |k|, 1] per vector, stacked along `dim` like q, k, v in `qkv` (norms of q and k only)."""
+    inv_norm = qkv.narrow(dim, 0, 2).norm(dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()
+    q_inv, k_inv = inv_norm.split(1, dim=dim)
+    return torch.cat((q_inv * scale, k_inv, torch.ones_like(k_inv)), dim=dim)
+
+
 class _ScaledCosineQKV(torch.autograd.Function):
     """`factors * qkv` of `WindowAttention._cosine_qkv`, with a backward written for it.
 
@@ -404,10 +411,7 @@ class _ScaledCosineQKV(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, qkv: Tensor, scale: Tensor, dim: int) -> Tensor:
-        # norms of q and k only: v is passed through with a factor of 1
-        inv_norm = qkv.narrow(dim, 0, 2).norm(dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()
-        q_inv, k_inv = inv_norm.split(1, dim=dim)
-        factors = torch.cat((q_inv * scale, k_inv, torch.ones_like(k_inv)), dim=dim)
+        factors = _cosine_factors(qkv, scale, dim)
         out = factors * qkv
         ctx.save_for_backward(out, factors, scale)
         ctx.dim = dim
@@ -546,10 +550,14 @@ class WindowAttention(nn.Module):
 
         Returns:
             Same shape, laid out like the broadcast factors, i.e. contiguous in `qkv`'s logical order.
+            Token-major without gradient, `qkv` itself, scaled in place (it is the projection's
+            fresh output, already in that layout).
         """
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (h, 1, 1)
         if dim_of_qkv == 3:
             scale = scale.view(-1, 1)  # heads sit on dim -2 in token-major order
+            if not (torch.is_grad_enabled() and (qkv.requires_grad or scale.requires_grad)):
+                return qkv.mul_(_cosine_factors(qkv, scale, dim_of_qkv))
         return _ScaledCosineQKV.apply(qkv, scale, dim_of_qkv)
 
 
