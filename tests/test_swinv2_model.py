@@ -228,6 +228,29 @@ def test_patch_embedding_runs_a_hooked_projection_as_a_module() -> None:
     assert not torch.allclose(hooked, plain, atol=1e-3)
 
 
+def test_forward_hooks_see_outputs_that_later_in_place_work_leaves_alone() -> None:
+    """Inference scales qkv and adds residuals in place; a hook that keeps those outputs must not
+    see them change afterwards, and the model's output must not change either."""
+    model = randomized().eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+    block = model.layers[0].blocks[0]  # unshifted: the token-major, in-place q/k normalisation
+    kept: dict[str, torch.Tensor] = {}
+    copies: dict[str, torch.Tensor] = {}
+    def keep(name: str):
+        def hook(module, args, out):
+            kept[name], copies[name] = out, out.clone()
+        return hook
+    for name in ("qkv", "norm1", "norm2"):
+        getattr(block.attn if name == "qkv" else block, name).register_forward_hook(keep(name))
+    with torch.no_grad():
+        out = model(x).last_hidden_state
+    assert torch.equal(out, ref)
+    for name in kept:
+        assert torch.equal(kept[name], copies[name]), name
+
+
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
 def test_mlp_activates_in_place_only_without_gradient(act: str) -> None:
     torch.manual_seed(0)

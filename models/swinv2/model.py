@@ -556,7 +556,8 @@ class WindowAttention(nn.Module):
         scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (h, 1, 1)
         if dim_of_qkv == 3:
             scale = scale.view(-1, 1)  # heads sit on dim -2 in token-major order
-            if not (torch.is_grad_enabled() and (qkv.requires_grad or scale.requires_grad)):
+            needs_grad = torch.is_grad_enabled() and (qkv.requires_grad or scale.requires_grad)
+            if not needs_grad and not self.qkv._forward_hooks:  # a hook may have kept the raw output
                 return qkv.mul_(_cosine_factors(qkv, scale, dim_of_qkv))
         return _ScaledCosineQKV.apply(qkv, scale, dim_of_qkv)
 
@@ -688,8 +689,11 @@ class SwinV2Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(B, H, W, C) -> (B, H, W, C)."""
         # the residual is added into the normalised branch, a fresh tensor that no backward reads
-        x = self.drop_path(self.norm1(self._shifted_window_attention(x))).add_(x)
-        return self.drop_path(self.norm2(self.mlp(x))).add_(x)
+        # (unless a forward hook on the norm kept it: then out of place)
+        branch = self.drop_path(self.norm1(self._shifted_window_attention(x)))
+        x = x + branch if self.norm1._forward_hooks else branch.add_(x)
+        branch = self.drop_path(self.norm2(self.mlp(x)))
+        return x + branch if self.norm2._forward_hooks else branch.add_(x)
 
 
 class PatchMerging(nn.Module):
