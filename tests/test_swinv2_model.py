@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from models.swinv2 import SwinTransformerV2, SwinV2Config
-from models.swinv2.model import (Mlp, PatchEmbed, SwinV2Block, _ScaledCosineQKV, relative_position_index,
-                                 scaled_dot_product_attention, shift_region_mask, window_partition,
-                                 window_reverse)
+from models.swinv2.model import (_MKLDNN_LINEAR, Mlp, PatchEmbed, SwinV2Block, _ScaledCosineQKV, linear,
+                                 relative_position_index, scaled_dot_product_attention, shift_region_mask,
+                                 window_partition, window_reverse)
 
 CFG = SwinV2Config(img_size=(64, 64), patch_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4),
                    window_size=4, pretrained_window_sizes=(0, 0, 0), drop_path_rate=0.0)
@@ -197,6 +197,48 @@ def test_scaled_cosine_qkv_backward_matches_autograd(dim: int) -> None:
     assert torch.allclose(ours, ref)
     for a, b in zip(ours_grads, ref_grads):
         assert torch.allclose(a, b)
+
+
+def _linear_kernel(out: torch.Tensor) -> str:
+    """Name of the autograd node that produced `linear`'s output (under its reshape, if any)."""
+    node = out.grad_fn
+    return node.next_functions[0][0].name() if node.name() == "ViewBackward0" else node.name()
+
+
+@pytest.mark.skipif(not _MKLDNN_LINEAR, reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("frozen", [False, True])
+def test_linear_with_bias_in_the_gemm_matches_f_linear_and_its_gradients(frozen: bool) -> None:
+    """CPU float32 training runs the oneDNN linear; values and every gradient are F.linear's. A frozen
+    weight (adapters, a frozen encoder) gets no gradient and its input is not kept for one."""
+    torch.manual_seed(0)
+    weight = torch.randn(24, 16, requires_grad=not frozen)
+    bias = torch.randn(24, requires_grad=True)
+    x = torch.randn(2, 16, 5, 3).permute(0, 2, 3, 1).requires_grad_()  # (2, 5, 3, 16), not contiguous
+    grad = torch.randn(2, 5, 3, 24)
+    ours = linear(x, weight, bias)
+    assert _linear_kernel(ours) == "_BiasEpilogueLinearBackward"
+    assert (ours.grad_fn.next_functions[0][0].saved_tensors[0] is None) == frozen
+    inputs = (x, bias) if frozen else (x, weight, bias)
+    ours_grads = torch.autograd.grad(ours, inputs, grad)
+    ref = torch.nn.functional.linear(x, weight, bias)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    for a, b in zip(ours_grads, torch.autograd.grad(ref, inputs, grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["no_grad", "no_bias", "float64", "onednn_off"])
+def test_linear_stays_on_f_linear_outside_cpu_float32_training(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    if case == "onednn_off":
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    dtype = torch.float64 if case == "float64" else torch.float32
+    weight = torch.randn(24, 16, dtype=dtype, requires_grad=True)
+    bias = None if case == "no_bias" else torch.randn(24, dtype=dtype)
+    x = torch.randn(4, 16, dtype=dtype)
+    with torch.set_grad_enabled(case != "no_grad"):
+        out = linear(x, weight, bias)
+    assert torch.equal(out, torch.nn.functional.linear(x, weight, bias))
+    assert out.grad_fn is None if case == "no_grad" else _linear_kernel(out) in ("AddmmBackward0", "MmBackward0")
 
 
 @pytest.mark.parametrize("size", [(32, 48), (30, 45)])
