@@ -293,6 +293,46 @@ def test_forward_hooks_see_outputs_that_later_in_place_work_leaves_alone() -> No
         assert torch.equal(kept[name], copies[name]), name
 
 
+def _node_names(out: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes `out` depends on."""
+    names, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node.name() not in names:
+            names.add(node.name())
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.skipif(not _MKLDNN_LINEAR, reason="this torch build has no oneDNN linear")
+@pytest.mark.parametrize("act, frozen_fc1", [("gelu", False), ("gelu_new", False), ("gelu", True)])
+def test_mlp_runs_as_one_node_in_cpu_training_with_the_modules_gradients(act: str, frozen_fc1: bool) -> None:
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32, act)
+    mlp.fc1.requires_grad_(not frozen_fc1)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    params = [p for p in mlp.parameters() if p.requires_grad]
+    grad = torch.randn(2, 5, 8)
+    out = mlp(x)
+    assert "_GeluMlpBackward" in _node_names(out)
+    ref = mlp.fc2(mlp.act(mlp.fc1(x)))
+    assert "_GeluMlpBackward" not in _node_names(ref)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, [x, *params], grad), torch.autograd.grad(ref, [x, *params], grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_mlp_with_a_hook_on_a_part_runs_part_by_part() -> None:
+    """A hook on fc1, the activation or fc2 must see that part's output: no fused node then."""
+    torch.manual_seed(0)
+    mlp = Mlp(8, 32)
+    seen = []
+    mlp.act.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    out = mlp(torch.randn(2, 5, 8, requires_grad=True))
+    assert seen == [(2, 5, 32)]
+    assert "_GeluMlpBackward" not in _node_names(out)
+
+
 @pytest.mark.parametrize("act", ["gelu", "gelu_new", "relu", "silu"])
 def test_mlp_activates_in_place_only_without_gradient(act: str) -> None:
     torch.manual_seed(0)

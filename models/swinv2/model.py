@@ -623,8 +623,45 @@ class WindowAttention(nn.Module):
         return _ScaledCosineQKV.apply(qkv, scale, dim_of_qkv)
 
 
+class _GeluMlp(torch.autograd.Function):
+    """fc2(gelu(fc1(x))) for 2-D float32 CPU input, as one autograd node.
+
+    Both linears are `_BiasEpilogueLinear`'s oneDNN kernel. What fusing buys is the backward: the
+    gradient of the activation is a buffer this function allocated itself (dO W2), so GELU's
+    backward overwrites it instead of writing a second (M, 4C) buffer. Saved: x (for dW1), the
+    pre-activation, the activation (for dW2), exactly what the three separate nodes keep; an input
+    of a frozen weight's gradient is not kept.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
+                approximate: str) -> Tensor:
+        hidden = torch.ops.mkldnn._linear_pointwise(x, fc1_weight, fc1_bias, "none", [], "")
+        activated = F.gelu(hidden, approximate=approximate)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, fc1_weight, hidden,
+                              activated if ctx.needs_input_grad[3] else None, fc2_weight)
+        ctx.approximate = approximate
+        return torch.ops.mkldnn._linear_pointwise(activated, fc2_weight, fc2_bias, "none", [], "")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, fc1_weight, hidden, activated, fc2_weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        fc2_grads = (grad.t().mm(activated) if needs[3] else None, grad.sum(0) if needs[4] else None)
+        grad_hidden = grad.mm(fc2_weight)
+        torch.ops.aten.gelu_backward.grad_input(grad_hidden, hidden, approximate=ctx.approximate,
+                                                grad_input=grad_hidden)
+        return (grad_hidden.mm(fc1_weight) if needs[0] else None, grad_hidden.t().mm(x) if needs[1] else None,
+                grad_hidden.sum(0) if needs[2] else None, *fc2_grads, None)
+
+
 class Mlp(nn.Module):
-    """fc1 -> activation -> fc2 -> dropout, on (..., C)."""
+    """fc1 -> activation -> fc2 -> dropout, on (..., C).
+
+    In CPU float32 training with GELU, runs as `_GeluMlp` while the three parts are this module's
+    own (not wrapped, e.g. by a peft LoRA layer, and without hooks, which must see each output).
+    """
 
     def __init__(self, dim: int, hidden: int, act: str = "gelu", drop: float = 0.0) -> None:
         super().__init__()
@@ -634,11 +671,23 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._runs_fused(x):
+            flat = _GeluMlp.apply(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                  self.fc2.bias, self.act.approximate)
+            return self.drop(flat.view(*x.shape[:-1], flat.shape[-1]))
         hidden = self.fc1(x)
         # With no gradient to keep the pre-activation for, activate in place: no second (B, L, 4C)
         # buffer to allocate and fault in, which cost as much as the activation itself.
         hidden = self.act(hidden) if hidden.requires_grad else _activate_(self.act, hidden)
         return self.drop(self.fc2(hidden))
+
+    def _runs_fused(self, x: Tensor) -> bool:
+        """Whether `forward` takes `_GeluMlp` (see the class docstring)."""
+        parts = (self.fc1, self.act, self.fc2)
+        return (type(self.fc1) is Linear and type(self.fc2) is Linear and type(self.act) is nn.GELU
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in parts)
+                and _bias_epilogue_applies(x, self.fc1.weight, self.fc1.bias)
+                and self.fc2.bias is not None and self.fc2.weight.dtype == self.fc2.bias.dtype == torch.float32)
 
 
 def _activate_(act: nn.Module, x: Tensor) -> Tensor:
