@@ -429,11 +429,12 @@ class _ScaledCosineQKV(torch.autograd.Function):
         dot = torch.linalg.vecdot(out.narrow(dim, 0, 2), grad.narrow(dim, 0, 2)).unsqueeze(-1)
         q_dot, k_dot = dot.split(1, dim)
         q_dot = q_dot / scale  # q_hat . dO_q
-        q_factor, k_factor, v_factor = factors.split(1, dim)  # s / |q|, 1 / |k|, 1
-        out_factor = torch.cat((q_factor * q_dot / scale, k_factor * k_dot, torch.zeros_like(v_factor)), dim=dim)
+        q_factor, k_factor, _ = factors.split(1, dim)  # s / |q|, 1 / |k|, 1
+        out_factor = torch.cat((q_factor * q_dot / scale, k_factor * k_dot), dim=dim)
         layout = ctx.grad_layout
         grad_qkv = torch.empty_strided(layout.shape, layout.stride(), dtype=grad.dtype, device=grad.device)
-        torch.mul(grad, factors, out=grad_qkv).addcmul_(out, out_factor, value=-1.0)
+        torch.mul(grad, factors, out=grad_qkv)
+        grad_qkv.narrow(dim, 0, 2).addcmul_(out.narrow(dim, 0, 2), out_factor, value=-1.0)  # v: dO_v as is
         return grad_qkv, q_dot.sum_to_size(scale.shape), None
 
 
