@@ -27,6 +27,8 @@ invalidates it, and it is dropped on every `train()` / `eval()` switch. For CPU 
 trainable bias, PyTorch's SDPA would fall back to its unfused math path (scaled copies of q and k,
 a safe softmax, an autograd graph of several ops); `scaled_dot_product_attention` below runs the
 same math as one autograd Function that keeps the probabilities and needs four GEMMs in backward.
+CPU float32 training also runs the biased linears through oneDNN (`linear`: the bias is added
+inside the GEMM) and the GELU MLP as one autograd node (`_GeluMlp`).
 """
 
 from __future__ import annotations
