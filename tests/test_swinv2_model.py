@@ -205,6 +205,13 @@ def _linear_kernel(out: torch.Tensor) -> str:
     return node.next_functions[0][0].name() if node.name() == "ViewBackward0" else node.name()
 
 
+def test_onednn_linear_is_found_wherever_torch_has_onednn() -> None:
+    """The two tests below skip without the oneDNN op; this one makes sure that a torch whose op set
+    changed (a renamed or removed `mkldnn._linear_pointwise`) fails here instead of silently skipping
+    them and losing the faster training path."""
+    assert _MKLDNN_LINEAR == torch.backends.mkldnn.is_available()
+
+
 @pytest.mark.skipif(not _MKLDNN_LINEAR, reason="this torch build has no oneDNN linear")
 @pytest.mark.parametrize("frozen", [False, True])
 def test_linear_with_bias_in_the_gemm_matches_f_linear_and_its_gradients(frozen: bool) -> None:
