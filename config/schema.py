@@ -117,7 +117,10 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     save_every_steps: int | None = None
     keep_last_checkpoints: int = 2
-    log_every_steps: int = 10
+    log_every_steps: int = 10  # optimizer steps per row of RUN/steps.jsonl and per tracker log
+    # experiment trackers, through accelerate: none, tensorboard, wandb, mlflow, trackio (or any other
+    # tracker accelerate supports); each needs its package (`pip install -e .[tensorboard]`, ...)
+    report_to: list[str] = field(default_factory=lambda: ["none"])
 
 
 @dataclass

@@ -1,8 +1,10 @@
 """Dataset manifests: which image files, which label, which question.
 
 Public API:
-    Record(path, label, question, source)     -- one sample; `path` absolute, `label` a class index,
-                                                 `source` is "MANIFEST:LINE" for error messages.
+    Record(path, label, question, source, data_source)
+                                              -- one sample; `path` absolute, `label` a class index,
+                                                 `source` is "MANIFEST:LINE" for error messages,
+                                                 `data_source` the optional `source` column.
     ManifestError                             -- raised with every problem found, each as FILE:LINE.
     IMAGE_EXTENSIONS: frozenset[str]
     label_for_count(receipt_count, num_classes) -> int
@@ -24,6 +26,8 @@ Manifest columns / keys:
         `receipt_count`  -- a receipt count n >= 0, mapped to class min(n, num_classes - 1).
       When several are given they must agree.
     `question` (optional): the prompt text; empty means "use the default question".
+    `source` (optional): where the image comes from (a collection, a scanner, "synthetic"); metrics
+        are also reported per source (`train.report`).
 
 Every problem (unknown label, missing file, path escaping the folder, bad JSON, no label) is
 collected and raised together in one `ManifestError` before any training starts.
@@ -57,12 +61,14 @@ class Record:
         label: class index in [0, num_classes).
         question: prompt text, or None for the configured default.
         source: where it was declared, "MANIFEST:LINE" or the image path for folder layouts.
+        data_source: the manifest's `source` column (where the image comes from), or None.
     """
 
     path: str
     label: int
     question: str | None
     source: str
+    data_source: str | None = None
 
 
 def label_for_count(receipt_count: int, num_classes: int) -> int:
@@ -139,7 +145,9 @@ def _record(row: dict[str, Any] | str, manifest: Path, line: int, class_names: l
     label = _row_label(row, class_names)
     question = row.get("question")
     question = str(question) if question not in (None, "") else None
-    return Record(path=str(image_path), label=label, question=question, source=f"{manifest}:{line}")
+    data_source = row.get("source")
+    return Record(path=str(image_path), label=label, question=question, source=f"{manifest}:{line}",
+                  data_source=str(data_source) if data_source not in (None, "") else None)
 
 
 def _resolve_image(row: dict[str, Any], root: Path) -> Path:

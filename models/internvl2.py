@@ -29,6 +29,7 @@ from transformers.utils import ModelOutput
 
 from config.loader import from_dict, to_dict
 from config.schema import ModelConfig
+from models.card import model_card
 from models.encoders import ImagePreprocessing, VisionEncoder, get_encoder_class
 from models.fusion import CrossAttentionFusion, TanhGate
 from models.language import load_tokenizer
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CARD_NAME = "README.md"  # the model card; never read back
 FORMAT_NAME = "receipt-counter"
 FORMAT_VERSION = 1
 
@@ -140,11 +142,16 @@ class InternVL2MultimodalModel(nn.Module):
         groups.update({f"vision.{name}": modules for name, modules in self.vision.parameter_groups().items()})
         return groups
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write a self-describing folder: config.json, model.safetensors, tokenizer files.
+    def save_pretrained(self, save_directory: str | os.PathLike, card: str | None = None) -> Path:
+        """Write a self-describing folder: config.json, model.safetensors, tokenizer files and a model card.
 
         The folder is written beside the target and renamed into place, so a crash never leaves a
         half-written checkpoint under the final name.
+
+        Args:
+            save_directory: the folder to write (replaced if it exists).
+            card: the model card's text (README.md); None writes `models.card.model_card(self)`,
+                which describes the model without training or evaluation records.
         """
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +159,7 @@ class InternVL2MultimodalModel(nn.Module):
         tmp.mkdir()
         try:
             (tmp / CONFIG_NAME).write_text(json.dumps(self._export_config(), indent=2))
+            (tmp / CARD_NAME).write_text(card if card is not None else model_card(self), encoding="utf-8")
             safetensors.torch.save_model(self, str(tmp / WEIGHTS_NAME))
             self.tokenizer.save_pretrained(tmp)
             _replace_dir(tmp, target)

@@ -3,7 +3,7 @@
     python scripts/make_receipts.py --out DIR --train N --val N --test N --seed S [--size 448] [--workers K]
 
 Writes DIR/<split>/<split>_<index>.jpg, DIR/<split>/metadata.csv (file_name, receipt_count, label,
-label_name, question) and DIR/contact_sheet.png (samples of every class, to check by eye).
+label_name, question, source = "synthetic") and DIR/contact_sheet.png (samples of every class, to check by eye).
 Class 0: other paperwork only; class 1: one receipt; the last class: that many receipts or more, up
 to --max-receipts. Each image's randomness comes from (seed, split, index) alone, so the output does
 not depend on the worker count, and splits never share an image seed. Labels are balanced within
@@ -31,7 +31,8 @@ from data.synth.paper import font
 from data.synth.scene import render_scene
 
 SPLITS = ("train", "val", "test")
-COLUMNS = ("file_name", "receipt_count", "label", "label_name", "question")
+COLUMNS = ("file_name", "receipt_count", "label", "label_name", "question", "source")
+SOURCE = "synthetic"  # the `source` column: every image here is rendered
 CLASS_DESCRIPTIONS = {0: "no receipt (other paperwork)", 1: "one receipt"}
 
 
@@ -100,7 +101,7 @@ def write_metadata(folder: Path, split: str, counts: list[int], class_names: lis
         writer.writerow(COLUMNS)
         for index, count in enumerate(counts):
             label = label_for_count(count, len(class_names))
-            writer.writerow([file_name(split, index), count, label, class_names[label], question])
+            writer.writerow([file_name(split, index), count, label, class_names[label], question, SOURCE])
 
 
 def clear_previous(folder: Path, split: str) -> None:

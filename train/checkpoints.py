@@ -35,6 +35,16 @@ class TrainingProgress:
     finished: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch validation metrics
     metric_lines: int = 0  # lines of RUN/metrics.jsonl that belong to this state
+    step_lines: int = 0  # lines of RUN/steps.jsonl that belong to this state
+    # Running sums over all processes, so a resumed run logs what an uninterrupted one would have:
+    epoch_loss_sum: float = 0.0  # sum of loss x batch size in the current epoch
+    epoch_samples: float = 0.0
+    window_loss_sum: float = 0.0  # the same since the last RUN/steps.jsonl row
+    window_samples: float = 0.0
+    window_grad_norm_sum: float = 0.0  # sum of the optimizer steps' gradient norms since the last row
+    window_steps: int = 0
+    skipped_images: int = 0  # bad images skipped so far in the run
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # stage index -> training wall time
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,14 +4,25 @@ One `Trainer` runs every stage of `train.stages`. At each stage start it injects
 asks for it, applies the stage's trainable groups to the *unwrapped* model (so DDP never sees a
 changed trainable set), builds the optimizer (carrying Adam state over for parameters that stay
 trainable), and prepares everything with accelerate.
+
+What a run writes besides checkpoints and exports:
+    RUN/steps.jsonl       every `train.log_every_steps` optimizer steps (and at each epoch end): the
+                          mean loss and gradient norm since the last row, the LR of every group;
+    RUN/metrics.jsonl     per epoch: training loss, validation metrics, skipped images, encoder;
+    RUN/results.json      at the end: best validation macro-F1 and the test metrics;
+    RUN/test_predictions.jsonl, RUN/timing.json   what `train.report` needs for RUN/report.md.
+The same rows go to the trackers of `train.report_to` (`train.tracking`). Losses and skipped counts
+are running sums over all processes kept in `TrainingProgress`, so a resumed run logs the rows an
+uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
+import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +35,15 @@ from transformers import get_scheduler
 from config.loader import save_config
 from config.schema import Config, StageConfig
 from data import make_dataloader
+from models.card import TrainingSummary, model_card
 from models.internvl2 import InternVL2MultimodalModel
 from models.metrics import accuracy, confusion_matrix, macro_f1, per_class_scores
 from train.checkpoints import TrainingProgress, save_checkpoint
 from train.data import RunDatasets
+from train.files import append_jsonl, write_json, write_jsonl
 from train.lora import LORA_GROUPS, inject_lora, lora_groups, merge_lora
+from train.report import write_report
+from train.tracking import RunTracker, epoch_scalars, step_scalars
 from train.trainability import TrainableParam, apply_stage, check_gradients, log_manifest, manifest
 
 logger = logging.getLogger(__name__)
@@ -63,13 +78,25 @@ class Trainer:
         self.run_dir = run_dir
         self.progress = TrainingProgress()
         accelerator.register_for_checkpointing(self.progress)
+        self.tracker = RunTracker(accelerator, config, run_dir)
         self._previous_optimizer: torch.optim.Optimizer | None = None
-        self._skipped_images = 0
+        # this process's sums since the last flush into `progress`: loss x B, samples, grad norm, steps, skipped
+        self._local = torch.zeros(5, dtype=torch.float64, device=accelerator.device)
+        self._clock = time.perf_counter()
 
     # ----------------------------------------------------------------------------------- stages
-    def run(self, resume_from: Path | None = None, resume_progress: TrainingProgress | None = None) -> dict:
-        """Train every stage (from `resume_from` when given), then evaluate on data.test and export."""
+    def run(self, resume_from: Path | None = None, resume_progress: TrainingProgress | None = None,
+            last_logged_step: int = -1) -> dict:
+        """Train every stage (from `resume_from` when given), then evaluate on data.test and export.
+
+        Args:
+            resume_from: the checkpoint to continue from, None for a fresh run.
+            resume_progress: its progress (read before the model was set up).
+            last_logged_step: the highest step the interrupted run had logged, so trackers that cannot
+                drop points are not sent a step twice.
+        """
         start = resume_progress.stage if resume_progress else 0
+        self.tracker.start(resume_progress.global_step if resume_progress else None, last_logged_step)
         for index, stage in enumerate(self.config.train.stages):
             if index < start:
                 self._inject_lora(stage)  # replay structural changes of finished stages
@@ -79,6 +106,7 @@ class Trainer:
                 self.accelerator.load_state(str(resume_from))
                 logger.info("resumed from %s (stage %d, epoch %d, step %d)", resume_from,
                             self.progress.stage, self.progress.epoch, self.progress.global_step)
+            self._clock = time.perf_counter()
             self._train_stage(run)
             self._previous_optimizer = run.optimizer.optimizer
             self.progress.stage, self.progress.epoch, self.progress.batches_done = index + 1, 0, 0
@@ -117,12 +145,18 @@ class Trainer:
         return min(stage.max_steps, per_epoch * stage.epochs) if stage.max_steps else per_epoch * stage.epochs
 
     def _make_optimizer(self, stage: StageConfig, trainable: list[TrainableParam]) -> torch.optim.AdamW:
-        """AdamW over parameter groups of equal (LR scale, decay); Adam state carried from the last stage."""
-        buckets: dict[tuple[float, bool], list[torch.nn.Parameter]] = {}
+        """AdamW over one parameter group per (trainable group, LR scale, decay), each named after its
+        trainable group (with its scale when layer decay gives the group several); Adam state carried
+        over from the last stage."""
+        buckets: dict[tuple[str, float, bool], list[torch.nn.Parameter]] = {}
         for t in trainable:
-            buckets.setdefault((t.lr_scale, t.decay), []).append(t.param)
-        param_groups = [{"params": params, "lr": stage.lr * scale, "weight_decay": stage.weight_decay if decay else 0.0}
-                        for (scale, decay), params in buckets.items()]
+            buckets.setdefault((t.group, t.lr_scale, t.decay), []).append(t.param)
+        scales: dict[str, set[float]] = {}
+        for group, scale, _ in buckets:
+            scales.setdefault(group, set()).add(scale)
+        param_groups = [{"params": params, "lr": stage.lr * scale, "weight_decay": stage.weight_decay if decay else 0.0,
+                         "name": group if len(scales[group]) == 1 else f"{group}@x{scale:.4g}"}
+                        for (group, scale, decay), params in buckets.items()]
         optimizer = torch.optim.AdamW(param_groups, lr=stage.lr)
         if self._previous_optimizer is not None:
             kept = 0
@@ -140,46 +174,52 @@ class Trainer:
             log_manifest(stage, summary)
             path = self.run_dir / "stages" / f"{index}-{stage.name}" / "trainable.json"
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(summary, indent=1))
+            write_json(path, summary)
 
     # ----------------------------------------------------------------------------------- epochs
     def _train_stage(self, run: StageRun) -> None:
         stage, p = run.config, self.progress
         while p.epoch < stage.epochs and not p.stage_stopped_early and not self._hit_max_steps(run):
-            train_loss = self._train_epoch(run)
+            self._train_epoch(run)
+            self._flush(run)
+            if p.window_steps:  # the epoch's last, partial window: rows never span two epochs
+                self._log_step(run)
+            train_loss = p.epoch_loss_sum / max(p.epoch_samples, 1.0)
             metrics = self._end_epoch(run, train_loss)
-            p.epoch, p.batches_done = p.epoch + 1, 0
+            p.epoch, p.batches_done, p.epoch_loss_sum, p.epoch_samples = p.epoch + 1, 0, 0.0, 0.0
             self._log_metrics(metrics)
-            save_checkpoint(self.accelerator, self.run_dir, p, self.config.train.keep_last_checkpoints)
+            self._save_checkpoint()
 
     def _hit_max_steps(self, run: StageRun) -> bool:
         return run.config.max_steps is not None and self.progress.stage_step >= run.config.max_steps
 
-    def _train_epoch(self, run: StageRun) -> float:
+    def _train_epoch(self, run: StageRun) -> None:
+        """One pass over the training data (from `progress.batches_done` on); sums go to `self._local`."""
         acc, p = self.accelerator, self.progress
         self.datasets.train.set_epoch(p.epoch)
         run.train_loader.set_epoch(p.epoch)
         loader = acc.skip_first_batches(run.train_loader, p.batches_done) if p.batches_done else run.train_loader
         run.model.train()
-        loss_sum = torch.zeros(2, device=acc.device)  # (sum of loss x batch size, samples)
         bar = tqdm(loader, desc=f"{run.config.name} epoch {p.epoch + 1}/{run.config.epochs}",
                    disable=not acc.is_local_main_process, initial=p.batches_done, total=len(run.train_loader))
         for batch in bar:
-            loss_sum += self._train_step(run, batch)
+            self._train_step(run, batch)
             p.batches_done += 1
             if acc.sync_gradients:
                 p.stage_step, p.global_step = p.stage_step + 1, p.global_step + 1
-                bar.set_postfix(loss=f"{loss_sum[0].item() / max(loss_sum[1].item(), 1):.4f}")
-                self._maybe_save_periodic()
+                last = p.batches_done == len(run.train_loader) or self._hit_max_steps(run)
+                if p.global_step % self.config.train.log_every_steps == 0:
+                    self._flush(run)
+                    self._log_step(run)
+                    bar.set_postfix(loss=f"{p.epoch_loss_sum / max(p.epoch_samples, 1.0):.4f}")
+                if not last:  # the epoch's end saves a checkpoint anyway
+                    self._maybe_save_periodic(run)
                 if self._hit_max_steps(run):
                     break
-        totals = acc.reduce(loss_sum, reduction="sum")
-        return (totals[0] / totals[1].clamp(min=1)).item()
 
-    def _train_step(self, run: StageRun, batch: dict) -> torch.Tensor:
-        """One micro-batch: forward, backward, (at accumulation boundaries) clip, step. Returns (loss x B, B)."""
+    def _train_step(self, run: StageRun, batch: dict) -> None:
+        """One micro-batch: forward, backward, (at accumulation boundaries) clip, step; adds to `self._local`."""
         acc = self.accelerator
-        self._skipped_images += batch["num_skipped"]
         with acc.accumulate(run.model):
             size = batch["labels"].shape[0]
             if size == 0:  # every image of this batch was bad: a zero loss keeps DDP's collectives in step
@@ -190,48 +230,92 @@ class Trainer:
             acc.backward(loss)
             if self.progress.stage_step == 0 and self.progress.batches_done == 0 and size > 0:
                 check_gradients(run.trainable, {id(q) for g in run.optimizer.param_groups for q in g["params"]})
-            if acc.sync_gradients and run.config.max_grad_norm is not None:
-                acc.clip_grad_norm_([t.param for t in run.trainable], run.config.max_grad_norm)
+            grad_norm = None
+            if acc.sync_gradients:  # max_grad_norm None: an infinite bound measures the norm without clipping
+                grad_norm = acc.clip_grad_norm_([t.param for t in run.trainable], run.config.max_grad_norm or math.inf)
             run.optimizer.step()
             if acc.sync_gradients and not acc.optimizer_step_was_skipped:  # the schedule counts optimizer steps
                 run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
-        return torch.stack([loss.detach() * size, torch.tensor(float(size), device=acc.device)])
+        self._local[0] += loss.detach().double() * size
+        self._local[1] += size
+        self._local[4] += batch["num_skipped"]
+        if grad_norm is not None:
+            self._local[2] += grad_norm.detach().double()
+            self._local[3] += 1
 
-    def _maybe_save_periodic(self) -> None:
+    def _flush(self, run: StageRun) -> None:
+        """Add every process's sums since the last flush into `progress` (a collective: all processes call it
+        at the same steps), and this stretch's wall time into the stage's."""
+        local, self._local = self._local, torch.zeros_like(self._local)
+        total = self.accelerator.reduce(local.clone(), reduction="sum").tolist()
+        p = self.progress
+        p.epoch_loss_sum += total[0]
+        p.epoch_samples += total[1]
+        p.window_loss_sum += total[0]
+        p.window_samples += total[1]
+        p.window_grad_norm_sum += local[2].item()  # the global norm: the same on every process
+        p.window_steps += int(local[3].item())
+        p.skipped_images += int(total[4])
+        now, key = time.perf_counter(), str(run.index)
+        p.stage_seconds[key] = p.stage_seconds.get(key, 0.0) + now - self._clock
+        self._clock = now
+
+    def _log_step(self, run: StageRun) -> None:
+        """Write the window's row to RUN/steps.jsonl and the trackers, and start a new window."""
+        p = self.progress
+        lrs = {g["name"]: lr for g, lr in zip(run.optimizer.param_groups, run.scheduler.get_last_lr())}
+        row = {"stage": run.config.name, "stage_index": run.index, "epoch": p.epoch + 1, "global_step": p.global_step,
+               "train_loss": p.window_loss_sum / max(p.window_samples, 1.0),
+               "grad_norm": p.window_grad_norm_sum / p.window_steps if p.window_steps else None, "lr": lrs}
+        p.window_loss_sum, p.window_samples, p.window_grad_norm_sum, p.window_steps = 0.0, 0.0, 0.0, 0
+        p.step_lines += 1
+        if self.accelerator.is_main_process:
+            append_jsonl(self.run_dir / "steps.jsonl", row)
+            self.tracker.log(step_scalars(row), p.global_step)
+
+    def _maybe_save_periodic(self, run: StageRun) -> None:
         every = self.config.train.save_every_steps
         if every and self.progress.global_step % every == 0:
-            save_checkpoint(self.accelerator, self.run_dir, self.progress, self.config.train.keep_last_checkpoints)
+            self._flush(run)
+            self._save_checkpoint()
+
+    def _save_checkpoint(self) -> None:
+        save_checkpoint(self.accelerator, self.run_dir, self.progress, self.config.train.keep_last_checkpoints)
+        if self.accelerator.is_main_process:
+            write_json(self.run_dir / "timing.json", self._timing())
+
+    def _timing(self) -> dict[str, Any]:
+        """Training wall time per stage (its evaluations and exports included), summed over resumes."""
+        stages = self.config.train.stages
+        return {"stages": [{"stage": stages[int(k)].name, "index": int(k), "seconds": round(v, 3)}
+                           for k, v in sorted(self.progress.stage_seconds.items(), key=lambda kv: int(kv[0]))]}
 
     def _end_epoch(self, run: StageRun, train_loss: float) -> dict[str, Any]:
         p = self.progress
         metrics: dict[str, Any] = {"stage": run.config.name, "stage_index": run.index, "epoch": p.epoch + 1,
                                    "global_step": p.global_step, "train_loss": train_loss,
                                    "lr": run.scheduler.get_last_lr()[0], **self._encoder_record(),
-                                   "skipped_images": self._count_skipped()}
+                                   "skipped_images": p.skipped_images}
         if run.val_loader is None:
             return metrics
         val = self.evaluate(run.model, run.val_loader)
         metrics.update({f"val_{k}": v for k, v in val.items()})
-        self._track_best(val["macro_f1"], run.config)
+        self._track_best(val, run.config)
         p.history.append({k: metrics[k] for k in ("stage", "epoch", "global_step", "val_macro_f1", "val_accuracy")})
         return metrics
 
-    def _track_best(self, score: float, stage: StageConfig) -> None:
-        p = self.progress
+    def _track_best(self, val: dict[str, Any], stage: StageConfig) -> None:
+        p, score = self.progress, val["macro_f1"]
         if p.best_metric is None or score > p.best_metric:
             p.best_metric, p.best_step, p.bad_epochs = score, p.global_step, 0
-            self.export("best")
+            self.export("best", {"split": "validation", "source": self.config.data.val, **val})
             return
         p.bad_epochs += 1
         patience = self.config.train.early_stopping_patience
         if patience is not None and p.bad_epochs >= patience:
             logger.info("stage %r: no macro-F1 gain for %d epochs, stopping the stage early", stage.name, patience)
             p.stage_stopped_early = True
-
-    def _count_skipped(self) -> int:
-        local = torch.tensor(self._skipped_images, device=self.accelerator.device)
-        return int(self.accelerator.reduce(local, reduction="sum").item())
 
     # ------------------------------------------------------------------------- evaluation, export
     def _eval_loader(self, dataset) -> Any:
@@ -241,47 +325,67 @@ class Trainer:
                                num_workers=self.config.data.num_workers)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, loader: Any) -> dict[str, Any]:
-        """Loss, accuracy, macro-F1 and per-class F1 over a (sharded) loader, gathered once per sample."""
+    def evaluate(self, model: torch.nn.Module, loader: Any, rows: list[dict] | None = None) -> dict[str, Any]:
+        """Loss, accuracy, macro-F1, per-class F1 and the confusion matrix (rows true, columns predicted)
+        over a (sharded) loader, gathered once per sample.
+
+        Args:
+            rows: when given, one {"image", "label", "probabilities"} dict per sample is appended to it.
+        """
         acc = self.accelerator
         model.eval()
-        losses, preds, labels = [], [], []
+        losses, probs, labels = [], [], []
         for batch in loader:
             if batch["labels"].shape[0] == 0:
                 continue
             ids, mask = self.model.tokenize(batch["questions"], acc.device)
-            logits = model(batch["pixel_values"], ids, mask).logits
-            loss = torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="none")
-            g_loss, g_pred, g_label = acc.gather_for_metrics((loss, logits.argmax(-1), batch["labels"]))
+            logits = model(batch["pixel_values"], ids, mask).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+            g_loss, g_prob, g_label = acc.gather_for_metrics((loss, logits.softmax(-1), batch["labels"]))
             losses.append(g_loss.cpu())
-            preds.append(g_pred.cpu())
+            probs.append(g_prob.cpu())
             labels.append(g_label.cpu())
+            if rows is not None:
+                paths = acc.gather_for_metrics(batch["paths"], use_gather_object=True)
+                rows.extend({"image": path, "label": int(label), "probabilities": prob}
+                            for path, label, prob in zip(paths, g_label.tolist(), g_prob.tolist()))
         model.train()
         if not labels:
             raise RuntimeError("evaluation saw no usable image")
-        preds, labels, names = torch.cat(preds), torch.cat(labels), self.model.class_names
-        f1 = per_class_scores(confusion_matrix(labels, preds, len(names))).f1
+        probs, labels, names = torch.cat(probs), torch.cat(labels), self.model.class_names
+        preds = probs.argmax(-1)
+        counts = confusion_matrix(labels, preds, len(names))
+        f1 = per_class_scores(counts).f1
         return {"samples": labels.numel(), "loss": torch.cat(losses).mean().item(), "accuracy": accuracy(labels, preds),
                 "macro_f1": macro_f1(labels, preds, len(names)),
-                "per_class_f1": {name: f1[i].item() for i, name in enumerate(names)}}
+                "per_class_f1": {name: f1[i].item() for i, name in enumerate(names)},
+                "confusion_matrix": counts.tolist()}
 
     def _encoder_record(self) -> dict[str, Any]:
         vision = self.model.config.vision
         return {"encoder": vision.encoder, "requested_encoder": vision.requested_encoder,
                 "fallback_cause": vision.fallback_cause}
 
-    def export(self, name: str) -> Path | None:
-        """Write the self-describing model folder RUN/name/ (LoRA merged) and the run's resolved config."""
+    def export(self, name: str, evaluation: dict[str, Any] | None = None) -> Path | None:
+        """Write the self-describing model folder RUN/name/ (LoRA merged), the run's resolved config, and a
+        model card (README.md) with how it was trained and `evaluation` (metrics plus "split" and "source")."""
         self.accelerator.wait_for_everyone()
         target = None
         if self.accelerator.is_main_process:
             exported = copy.deepcopy(self.model)
             merge_lora(exported.language)
             merge_lora(exported.vision)
-            target = exported.eval().save_pretrained(self.run_dir / name)
+            summary = TrainingSummary(self.config, self._data_sizes(), self.progress.global_step,
+                                      dict(Counter(r.data_source for r in self.datasets.train.records)))
+            card = model_card(exported, summary, evaluation)
+            target = exported.eval().save_pretrained(self.run_dir / name, card=card)
             save_config(self.config, target / "run_config.yaml")
         self.accelerator.wait_for_everyone()
         return target
+
+    def _data_sizes(self) -> dict[str, int]:
+        splits = {"train": self.datasets.train, "validation": self.datasets.val, "test": self.datasets.test}
+        return {split: len(d) for split, d in splits.items() if d is not None}
 
     def _log_metrics(self, metrics: dict[str, Any]) -> None:
         self.progress.metric_lines += 1
@@ -289,16 +393,30 @@ class Trainer:
             return
         logger.info("epoch done: %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
                                        if not isinstance(v, (dict, list))})
-        with (self.run_dir / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(metrics) + "\n")
+        append_jsonl(self.run_dir / "metrics.jsonl", metrics)
+        self.tracker.log(epoch_scalars(metrics), metrics["global_step"])
 
     def _finish(self) -> dict[str, Any]:
-        self.export("final")
+        """Evaluate on data.test, export final/ (its card holding the test metrics), write results and report."""
         result: dict[str, Any] = {**self._encoder_record(), "best_val_macro_f1": self.progress.best_metric,
-                                  "global_step": self.progress.global_step}
+                                  "best_step": self.progress.best_step, "global_step": self.progress.global_step}
+        rows: list[dict] = []
+        evaluation = None
         if self.datasets.test is not None:
             loader = self.accelerator.prepare(self._eval_loader(self.datasets.test))
-            result["test"] = self.evaluate(self.model, loader)
+            result["test"] = self.evaluate(self.model, loader, rows)
+            evaluation = {"split": "test", "source": self.config.data.test, **result["test"]}
+            self.tracker.log({f"test/{k}": result["test"][k] for k in ("loss", "accuracy", "macro_f1")},
+                             self.progress.global_step)
+        self.export("final", evaluation)
         if self.accelerator.is_main_process:
-            (self.run_dir / "results.json").write_text(json.dumps(result, indent=1))
+            write_jsonl(self.run_dir / "test_predictions.jsonl", self._with_sources(rows))
+            write_json(self.run_dir / "results.json", result)
+            write_json(self.run_dir / "timing.json", self._timing())
+            write_report(self.run_dir)
         return result
+
+    def _with_sources(self, rows: list[dict]) -> list[dict]:
+        """Test rows with the manifest's `source` column (None without one), for per-source metrics."""
+        sources = {r.path: r.data_source for r in self.datasets.test.records} if self.datasets.test else {}
+        return [{**row, "source": sources.get(row["image"])} for row in rows]

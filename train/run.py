@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from transformers.utils import logging as hf_logging
 
 from config import Config, load_config, save_config, to_dict
@@ -23,7 +23,9 @@ from config.loader import ConfigError
 from models.build import build_model
 from train.checkpoints import RESOLVED_CONFIG, latest_checkpoint, read_progress, remove_stale_temporaries
 from train.data import build_datasets
+from train.files import write_text_atomic
 from train.loop import Trainer
+from train.tracking import TrackerError, check_report_to
 
 logger = logging.getLogger("train")
 
@@ -44,14 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        trackers = check_report_to(config.train.report_to)  # a missing package fails here, before any work
+    except (ConfigError, TrackerError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     # Several processes on a machine without CUDA (`accelerate launch --multi_gpu` here): accelerate only
     # picks its gloo CPU backend when told the run is on CPU.
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    run_dir = Path(config.output_dir)
     accelerator = Accelerator(cpu=multi_cpu, mixed_precision=config.train.mixed_precision,
-                              step_scheduler_with_optimizer=False,
+                              step_scheduler_with_optimizer=False, log_with=trackers or None,
+                              project_config=ProjectConfiguration(project_dir=str(run_dir),
+                                                                  logging_dir=str(run_dir / "trackers")),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                         data_seed=config.seed))
     _setup_logging(accelerator.is_main_process)
@@ -59,12 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(config.model)
     config = Config(model=model.config, data=config.data, train=config.train, output_dir=config.output_dir,
                     seed=config.seed)  # resolved: the encoder actually used
-    run_dir = Path(config.output_dir)
+    last_logged = _last_logged_step(run_dir)  # before a resume truncates the killed run's rows
     checkpoint = _prepare_run_dir(accelerator, config, run_dir, args.resume, args.allow_config_change)
     datasets = build_datasets(config.data, model.class_names, model.preprocessing, config.seed)
     trainer = Trainer(config, accelerator, model, datasets, run_dir)
     progress = read_progress(checkpoint) if checkpoint else None
-    result = trainer.run(checkpoint, progress)
+    result = trainer.run(checkpoint, progress, last_logged)
     if accelerator.is_main_process:
         print(json.dumps(result, indent=1))
     accelerator.end_training()
@@ -78,7 +84,10 @@ def _prepare_run_dir(accelerator: Accelerator, config: Config, run_dir: Path, re
     saved = run_dir / RESOLVED_CONFIG
     if resume and checkpoint is not None:
         _check_same_config(config, saved, allow_change)
-        _truncate_metrics(run_dir, read_progress(checkpoint).metric_lines, accelerator.is_main_process)
+        progress = read_progress(checkpoint)
+        if accelerator.is_main_process:
+            _truncate(run_dir / "metrics.jsonl", progress.metric_lines)
+            _truncate(run_dir / "steps.jsonl", progress.step_lines)
     elif checkpoint is not None:
         raise SystemExit(f"{run_dir} already holds checkpoints ({checkpoint.name}): pass --resume to continue, "
                          f"or set output_dir to a new folder")
@@ -110,12 +119,23 @@ def _diff(old: object, new: object, path: str) -> list[str]:
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
-def _truncate_metrics(run_dir: Path, keep: int, is_main: bool) -> None:
-    """Drop the metric lines written after the checkpoint by the run that was killed."""
-    path = run_dir / "metrics.jsonl"
-    if is_main and path.exists():
+def _truncate(path: Path, keep: int) -> None:
+    """Drop the lines written after the checkpoint by the run that was killed."""
+    if path.exists():
         lines = path.read_text().splitlines()[:keep]
-        path.write_text("".join(line + "\n" for line in lines))
+        write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def _last_logged_step(run_dir: Path) -> int:
+    """The highest global step in the run's step and epoch rows (-1 for none): what trackers already hold."""
+    steps = [-1]
+    for path in (run_dir / "steps.jsonl", run_dir / "metrics.jsonl"):
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            try:
+                steps.append(json.loads(line)["global_step"])
+            except json.JSONDecodeError:  # the last line, cut short by the kill: it is logged again
+                continue
+    return max(steps)
 
 
 def _setup_logging(is_main: bool) -> None:
