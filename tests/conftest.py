@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from config import load_config
 from config.schema import Config
 from models.encoders import encoder_names
 from models.tiny import write_tiny_checkpoints
+
+REPO = Path(__file__).parents[1]
 
 # Which tiny checkpoint folder each registered encoder loads from. A newly registered encoder must be
 # added here, or every registry-wide test fails loudly.
@@ -38,3 +42,23 @@ def make_config(tiny: dict[str, Path], encoder: str, *overrides: str) -> Config:
         f"model.language.checkpoint={tiny['internvl2']}",
         *overrides,
     ])
+
+
+@pytest.fixture(scope="session")
+def receipts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny generated dataset: 12 training, 6 validation and 6 test images of 64 px."""
+    out = tmp_path_factory.mktemp("receipts")
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_receipts.py"), "--out", str(out), "--train", "12",
+                    "--val", "6", "--test", "6", "--seed", "0", "--size", "64", "--no-contact-sheet"],
+                   check=True, capture_output=True)
+    return out
+
+
+def run_args(tiny: dict[str, Path], receipts: Path, out: Path, *extra: str) -> list[str]:
+    """`python -m train` arguments for the tiny Swin V2 run on `receipts`, one epoch per stage, plus overrides."""
+    sets = ["model.vision.encoder=swinv2", f"model.vision.checkpoint={tiny[ENCODER_CHECKPOINT['swinv2']]}",
+            f"model.language.checkpoint={tiny['internvl2']}", "model.vision.image_size=[64, 64]",
+            f"data.train={receipts / 'train'}", f"data.val={receipts / 'val'}", f"data.test={receipts / 'test'}",
+            "data.batch_size=4", "data.eval_batch_size=4", f"output_dir={out}",
+            "train.stages.0.epochs=1", "train.stages.1.epochs=1", "train.stages.2.epochs=1", *extra]
+    return ["--config", str(REPO / "config" / "base.yaml")] + [a for s in sets for a in ("--set", s)]

@@ -24,27 +24,9 @@ from train.lora import has_lora, inject_lora, lora_groups, merge_lora
 from train.run import main
 from train.loop import Trainer
 from train.trainability import apply_stage, resolve_groups
-from tests.conftest import ENCODER_CHECKPOINT, make_config
+from tests.conftest import make_config, run_args
 
 REPO = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def receipts(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("receipts")
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_receipts.py"), "--out", str(out), "--train", "12",
-                    "--val", "6", "--test", "6", "--seed", "0", "--size", "64", "--no-contact-sheet"],
-                   check=True, capture_output=True)
-    return out
-
-
-def run_args(tiny, receipts: Path, out: Path, *extra: str) -> list[str]:
-    sets = [f"model.vision.encoder=swinv2", f"model.vision.checkpoint={tiny[ENCODER_CHECKPOINT['swinv2']]}",
-            f"model.language.checkpoint={tiny['internvl2']}", "model.vision.image_size=[64, 64]",
-            f"data.train={receipts / 'train'}", f"data.val={receipts / 'val'}", f"data.test={receipts / 'test'}",
-            "data.batch_size=4", "data.eval_batch_size=4", f"output_dir={out}",
-            "train.stages.0.epochs=1", "train.stages.1.epochs=1", "train.stages.2.epochs=1", *extra]
-    return ["--config", str(REPO / "config" / "base.yaml")] + [a for s in sets for a in ("--set", s)]
 
 
 def test_full_run_writes_manifests_metrics_and_exports(tiny_checkpoints, receipts, tmp_path, capsys):
@@ -195,6 +177,8 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_checkpoints, re
         assert torch.equal(value, ref_weights[name]), name
     steps = [json.loads(line)["global_step"] for line in (killed_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and len(steps) == 3  # no duplicate lines from the killed run
+    for name in ("metrics.jsonl", "steps.jsonl"):  # losses and skipped counts summed across the kill
+        assert (killed_dir / name).read_text() == (tmp_path / "ref" / name).read_text(), name
 
 
 def test_resume_refuses_a_changed_config(tiny_checkpoints, receipts, tmp_path):
