@@ -64,15 +64,16 @@ def test_layout_and_metadata(one_worker: Path) -> None:
         assert sheet.format == "PNG"
     for split, n in [("train", 9), ("val", 3), ("test", 3)]:
         rows = _rows(one_worker, split)
-        assert list(rows[0]) == ["file_name", "receipt_count", "label", "label_name", "question"]
+        assert list(rows[0]) == ["file_name", "receipt_count", "label", "label_name", "question", "source"]
         assert len(rows) == n and len(list((one_worker / split).glob("*.jpg"))) == n
         for row in rows:
             count, label = int(row["receipt_count"]), int(row["label"])
             assert label == min(count, 2) and row["label_name"] == CLASSES[label]
-            assert count <= 5
+            assert count <= 5 and row["source"] == "synthetic"
             with Image.open(one_worker / split / row["file_name"]) as image:
                 assert (image.format, image.size, image.mode) == ("JPEG", (96, 96), "RGB")
-        assert len(load_records(one_worker / split, CLASSES)) == n
+        records = load_records(one_worker / split, CLASSES)
+        assert len(records) == n and {r.data_source for r in records} == {"synthetic"}
 
 
 def test_classes_are_balanced_in_every_split(one_worker: Path) -> None:

@@ -50,6 +50,15 @@ def test_csv_labels_by_index_name_and_count(images: Path) -> None:
     assert records[1].source == f"{manifest}:3"
 
 
+def test_source_column_is_kept_per_record(images: Path) -> None:
+    manifest = _csv(images / "m.csv", "file_name,label,source\na.jpg,1,scans\nb.jpg,0,\n")
+    assert [r.data_source for r in read_manifest(manifest, CLASSES)] == ["scans", None]
+    rows = [{"image": "a.jpg", "label": 2, "source": "photos"}, {"image": "b.jpg", "label": 0}]
+    jsonl = images / "m.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    assert [r.data_source for r in read_manifest(jsonl, CLASSES)] == ["photos", None]
+
+
 def test_label_names_are_matched_before_indices(images: Path) -> None:
     manifest = _csv(images / "m.csv", "image,label\na.jpg,one\nb.jpg,2\n")
     assert [r.label for r in read_manifest(manifest, ["none", "one", "many"])] == [1, 2]
