@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# extra arguments for the demo's training command, e.g. DEMO_ARGS='--set train.report_to=[tensorboard]'
+DEMO_ARGS ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: venv demo demo-internvit test clean
@@ -21,10 +23,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	bash scripts/demo.sh $(PY) config/demo_swin.yaml
+	bash scripts/demo.sh $(PY) config/demo_swin.yaml $(DEMO_ARGS)
 
 demo-internvit: $(STAMP)
-	bash scripts/demo.sh $(PY) config/demo_internvit.yaml
+	bash scripts/demo.sh $(PY) config/demo_internvit.yaml $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) checkpoints datasets runs outputs

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The main job, end to end on this machine: tiny checkpoints, synthetic data, all training stages,
 # evaluation on the test split, prediction on a few images.
-#   bash scripts/demo.sh [PYTHON] [CONFIG]        (make demo / make demo-internvit)
+#   bash scripts/demo.sh [PYTHON] [CONFIG] [--set KEY=VALUE ...]   (make demo / make demo-internvit)
+# Extra arguments go to the training command, e.g. --set "train.report_to=[tensorboard]"
+# (make demo DEMO_ARGS='--set train.report_to=[tensorboard]').
 set -euo pipefail
 PY=${1:-python}
 CONFIG=${2:-config/demo_swin.yaml}
+shift $(( $# < 2 ? $# : 2 ))
 RUN=runs/$(basename "$CONFIG" .yaml)
 DATA=${DEMO_DATA:-datasets/receipts}
 start=$(date +%s)
@@ -32,7 +35,7 @@ fi
 echo "== 3/5 all training stages: $CONFIG -> $RUN"
 rm -rf "$RUN"
 "$PY" -m train --config "$CONFIG" --set data.train="$DATA/train" --set data.val="$DATA/val" \
-  --set data.test="$DATA/test" --set output_dir="$RUN"
+  --set data.test="$DATA/test" --set output_dir="$RUN" "$@"
 
 echo "== 4/5 evaluation on the test split -> $RUN/eval"
 "$PY" scripts/evaluate.py --checkpoint "$RUN/final" --data "$DATA/test/metadata.csv" --out "$RUN/eval"
@@ -40,4 +43,4 @@ echo "== 4/5 evaluation on the test split -> $RUN/eval"
 echo "== 5/5 prediction on a few test images"
 "$PY" scripts/predict.py --checkpoint "$RUN/final" $(ls "$DATA"/test/*.jpg | head -n 6)
 
-echo "== demo finished in $(( $(date +%s) - start )) s; run folder: $RUN"
+echo "== demo finished in $(( $(date +%s) - start )) s; run folder: $RUN (report: $RUN/report.md, curves: $RUN/curves.png)"
