@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import safetensors.torch
 import torch
 from accelerate import Accelerator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from config.schema import StageConfig
 from models.build import build_model
@@ -192,15 +194,38 @@ def test_resume_refuses_a_changed_config(tiny_checkpoints, receipts, tmp_path):
     assert main(args + ["--set", "train.stages.0.lr=0.5", "--resume", "--allow-config-change"]) == 0
 
 
-def test_two_processes_with_accelerate_launch(tiny_checkpoints, receipts, tmp_path):
+def test_two_processes_agree_with_one_process(tiny_checkpoints, receipts, tmp_path):
+    """2 gloo processes x batch 2 take the same steps as 1 process x batch 4: the seedable sampler deals the
+    same global batches, DDP averages the two halves' gradients."""
+    single = tmp_path / "single"
+    assert main(run_args(tiny_checkpoints, receipts, single)) == 0
     out = tmp_path / "ddp"
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    proc = _train_subprocess(run_args(tiny_checkpoints, receipts, out), launcher=launcher)
+    proc = _train_subprocess(run_args(tiny_checkpoints, receipts, out, "train.report_to=[tensorboard]",
+                                      "data.batch_size=2"), launcher=launcher)
     assert proc.wait(timeout=600) == 0, proc.stdout.read()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3  # one line per epoch: only the main process writes
-    assert all(m["val_samples"] == 6 for m in lines)  # gathered without double counting
+    assert all(m["val_samples"] == 6 and m["world_size"] == 2 for m in lines)  # gathered once per sample
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["test"]["samples"] == 6
+    tested = [json.loads(line)["image"] for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert sorted(tested) == sorted(str(p) for p in (receipts / "test").glob("*.jpg"))  # each test image once
+    # Tolerance: the two runs sum the same gradients in another order (float32), over 9 Adam steps.
+    reference = [json.loads(line) for line in (single / "metrics.jsonl").read_text().splitlines()]
+    for got, want in zip(lines, reference):
+        assert got["global_step"] == want["global_step"] and got["val_accuracy"] == want["val_accuracy"]
+        assert got["val_loss"] == pytest.approx(want["val_loss"], abs=1e-4)
+        assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-4)
+    ref_weights = safetensors.torch.load_file(single / "final" / "model.safetensors")
+    for name, value in safetensors.torch.load_file(out / "final" / "model.safetensors").items():
+        torch.testing.assert_close(value, ref_weights[name], rtol=1e-3, atol=1e-4, msg=name)
+    events = EventAccumulator(str(out / "trackers" / out.name), size_guidance={"scalars": 0})
+    events.Reload()  # only the main process logs: every step once
+    assert [(e.step, pytest.approx(e.value)) for e in events.Scalars("vision/val/accuracy")] == [
+        (m["global_step"], m["val_accuracy"]) for m in lines if m["stage"] == "vision"]
+    assert len(list((out / "trackers" / out.name).glob("events.out.tfevents.*"))) == 1
     assert json.loads((out / "results.json").read_text())["test"]["samples"] == 6
     InternVL2MultimodalModel.from_pretrained(out / "final")
 
@@ -209,3 +234,38 @@ def test_augment_options_are_checked():
     assert augment_config({"max_rotation": 0.0, "jpeg_quality": [50, 60]}).jpeg_quality == (50, 60)
     with pytest.raises(ValueError, match=r"data.augment_options: unknown field\(s\) \['rotate'\]"):
         augment_config({"rotate": 3})
+
+
+class _RunsCode:
+    """Unpickling this writes a file: what a tampered checkpoint would do on a plain torch.load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+def test_resume_runs_no_code_from_a_tampered_checkpoint(tiny_checkpoints, receipts, tmp_path):
+    out = tmp_path / "run"
+    args = run_args(tiny_checkpoints, receipts, out, "train.stages=[{name: a, epochs: 2, lr: 0.001, trainable: [head]}]",
+                    "train.keep_last_checkpoints=5")
+    assert main(args) == 0
+    first, *later = list_checkpoints(out)
+    for checkpoint in later:  # resume from the end of epoch 1
+        shutil.rmtree(checkpoint)
+    pickled = sorted(p.name for p in first.iterdir() if p.suffix in (".bin", ".pkl"))
+    assert pickled == ["optimizer.bin", "random_states_0.pkl", "scheduler.bin"]  # nothing of ours is pickled
+    pristine = tmp_path / "pristine"
+    shutil.copytree(first, pristine)
+    marker = tmp_path / "code-ran"
+    for name in pickled + ["custom_checkpoint_0.pkl"]:
+        shutil.rmtree(first)
+        shutil.copytree(pristine, first)
+        torch.save(_RunsCode(marker), first / name)
+        with pytest.raises(SystemExit, match=rf"refusing to resume: .*{name} "):
+            main(args + ["--resume"])
+        assert not marker.exists(), f"resuming ran code from a tampered {name}"
+    shutil.rmtree(first)
+    shutil.copytree(pristine, first)
+    assert main(args + ["--resume"]) == 0  # the untouched checkpoint resumes

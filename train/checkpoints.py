@@ -3,17 +3,24 @@
 A checkpoint is `RUN/checkpoints/step-<global step, 8 digits>/`, written by `accelerator.save_state` into a hidden
 temporary folder and renamed into place when complete, so a run killed at any moment leaves either
 a whole checkpoint or none. `--resume` takes the newest.
+
+Nothing of a checkpoint is unpickled: the run's progress is `progress.json` (nothing is registered
+with `accelerator.register_for_checkpointing`), the weights are safetensors, and before accelerate
+loads its own pickle-format files (optimizer, scheduler, sampler, RNG states) `check_safe_to_load`
+opens each with `weights_only=True` and refuses the checkpoint, naming the file, if one needs more.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import load as accelerate_load
 
 PREFIX = "step-"
 RESOLVED_CONFIG = "config.yaml"  # RUN/config.yaml, copied into every checkpoint
@@ -21,7 +28,7 @@ RESOLVED_CONFIG = "config.yaml"  # RUN/config.yaml, copied into every checkpoint
 
 @dataclass
 class TrainingProgress:
-    """Where a run is; saved with every checkpoint (registered with `accelerator.register_for_checkpointing`)."""
+    """Where a run is; saved with every checkpoint as progress.json."""
 
     stage: int = 0  # index into train.stages
     epoch: int = 0  # epoch within the stage
@@ -76,6 +83,36 @@ def read_progress(checkpoint: Path) -> TrainingProgress:
     progress = TrainingProgress()
     progress.load_state_dict(json.loads((checkpoint / "progress.json").read_text()))
     return progress
+
+
+PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")  # what accelerate writes with torch.save
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file would need full unpickling (it could run code) to load."""
+
+
+def check_safe_to_load(checkpoint: Path) -> None:
+    """Open every pickle-format file of `checkpoint` the way accelerate will, with weights_only=True.
+
+    accelerate loads optimizer, scheduler and sampler states this way already, but skips RNG states
+    that fail to load with only an INFO line, and would fully unpickle `custom_checkpoint_*.pkl`.
+
+    Raises:
+        UnsafeCheckpointError: one line naming the file that cannot be loaded safely.
+    """
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix not in PICKLE_SUFFIXES:
+            continue
+        if path.name.startswith("custom_checkpoint_"):
+            raise UnsafeCheckpointError(f"refusing to resume: {path} is a pickled custom state (it could run code); "
+                                        f"this project keeps its progress in progress.json")
+        try:
+            accelerate_load(path, map_location="cpu")  # weights_only=True, with accelerate's numpy allowances
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsafeCheckpointError(f"refusing to resume: {path} does not load with weights_only=True "
+                                        f"({reason})") from exc
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingProgress, keep_last: int) -> Path:

@@ -38,7 +38,7 @@ from data import make_dataloader
 from models.card import TrainingSummary, model_card
 from models.internvl2 import InternVL2MultimodalModel
 from models.metrics import accuracy, confusion_matrix, macro_f1, per_class_scores
-from train.checkpoints import TrainingProgress, save_checkpoint
+from train.checkpoints import TrainingProgress, check_safe_to_load, save_checkpoint
 from train.data import RunDatasets
 from train.files import append_jsonl, write_json, write_jsonl
 from train.lora import LORA_GROUPS, inject_lora, lora_groups, merge_lora
@@ -76,8 +76,7 @@ class Trainer:
         self.model = model  # always the unwrapped model
         self.datasets = datasets
         self.run_dir = run_dir
-        self.progress = TrainingProgress()
-        accelerator.register_for_checkpointing(self.progress)
+        self.progress = TrainingProgress()  # saved as progress.json beside accelerate's state, never pickled
         self.tracker = RunTracker(accelerator, config, run_dir)
         self._previous_optimizer: torch.optim.Optimizer | None = None
         # this process's sums since the last flush into `progress`: loss x B, samples, grad norm, steps, skipped
@@ -103,7 +102,9 @@ class Trainer:
                 continue
             run = self._setup_stage(index, stage)
             if resume_from is not None and index == start:
+                check_safe_to_load(resume_from)
                 self.accelerator.load_state(str(resume_from))
+                self.progress.load_state_dict(resume_progress.state_dict())
                 logger.info("resumed from %s (stage %d, epoch %d, step %d)", resume_from,
                             self.progress.stage, self.progress.epoch, self.progress.global_step)
             self._clock = time.perf_counter()
@@ -296,7 +297,7 @@ class Trainer:
         metrics: dict[str, Any] = {"stage": run.config.name, "stage_index": run.index, "epoch": p.epoch + 1,
                                    "global_step": p.global_step, "train_loss": train_loss,
                                    "lr": run.scheduler.get_last_lr()[0], **self._encoder_record(),
-                                   "skipped_images": p.skipped_images}
+                                   "skipped_images": p.skipped_images, "world_size": self.accelerator.num_processes}
         if run.val_loader is None:
             return metrics
         val = self.evaluate(run.model, run.val_loader)
@@ -399,7 +400,8 @@ class Trainer:
     def _finish(self) -> dict[str, Any]:
         """Evaluate on data.test, export final/ (its card holding the test metrics), write results and report."""
         result: dict[str, Any] = {**self._encoder_record(), "best_val_macro_f1": self.progress.best_metric,
-                                  "best_step": self.progress.best_step, "global_step": self.progress.global_step}
+                                  "best_step": self.progress.best_step, "global_step": self.progress.global_step,
+                                  "world_size": self.accelerator.num_processes}
         rows: list[dict] = []
         evaluation = None
         if self.datasets.test is not None:

@@ -21,7 +21,8 @@ from transformers.utils import logging as hf_logging
 from config import Config, load_config, save_config, to_dict
 from config.loader import ConfigError
 from models.build import build_model
-from train.checkpoints import RESOLVED_CONFIG, latest_checkpoint, read_progress, remove_stale_temporaries
+from train.checkpoints import (RESOLVED_CONFIG, UnsafeCheckpointError, latest_checkpoint, read_progress,
+                               remove_stale_temporaries)
 from train.data import build_datasets
 from train.files import write_text_atomic
 from train.loop import Trainer
@@ -70,7 +71,10 @@ def main(argv: list[str] | None = None) -> int:
     datasets = build_datasets(config.data, model.class_names, model.preprocessing, config.seed)
     trainer = Trainer(config, accelerator, model, datasets, run_dir)
     progress = read_progress(checkpoint) if checkpoint else None
-    result = trainer.run(checkpoint, progress, last_logged)
+    try:
+        result = trainer.run(checkpoint, progress, last_logged)
+    except UnsafeCheckpointError as e:  # raised before anything of the checkpoint is loaded
+        raise SystemExit(str(e)) from None
     if accelerator.is_main_process:
         print(json.dumps(result, indent=1))
     accelerator.end_training()
