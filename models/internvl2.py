@@ -30,6 +30,7 @@ from transformers.utils import ModelOutput
 from config.loader import from_dict, to_dict
 from config.schema import ModelConfig
 from models.card import model_card
+from models.files import replace_dir
 from models.encoders import ImagePreprocessing, VisionEncoder, get_encoder_class
 from models.fusion import CrossAttentionFusion, TanhGate
 from models.language import load_tokenizer
@@ -162,7 +163,7 @@ class InternVL2MultimodalModel(nn.Module):
             (tmp / CARD_NAME).write_text(card if card is not None else model_card(self), encoding="utf-8")
             safetensors.torch.save_model(self, str(tmp / WEIGHTS_NAME))
             self.tokenizer.save_pretrained(tmp)
-            _replace_dir(tmp, target)
+            replace_dir(tmp, target)  # one atomic exchange: `target` is never missing
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -217,14 +218,3 @@ def _stage_channels(vision: VisionEncoder, stages: list[int]) -> list[int]:
     if bad or not stages:
         raise ValueError(f"model.vision.feature_stages={stages}: encoder {vision.name!r} has {len(info)} stage(s)")
     return [info[s].channels for s in stages]
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move `src` to `dst`, replacing an existing `dst` only once `src` is complete."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old)
-    else:
-        src.rename(dst)

@@ -11,6 +11,7 @@ metadata.csv/.jsonl, or class folders). Writes into --out:
                           used (from the checkpoint's resolved config), and the images that failed;
     confusion_matrix.png  the matrix as a picture: counts and row shares, colour scale, accuracy;
     misclassified.csv     image, true, predicted, then prob_<class> for every class.
+Every file is written beside its target and renamed into place, so a crash leaves no half-written one.
 Images that cannot be read are left out of the metrics and listed under "failed" in metrics.json
 (with a warning). Exit status: 0 when evaluated, 2 when the checkpoint or manifest cannot be used or
 no image could be read.
@@ -32,6 +33,7 @@ from tqdm import tqdm  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from data.manifest import ManifestError, Record, load_records  # noqa: E402
+from models.files import atomic_path, write_text_atomic  # noqa: E402
 from models.inference import DEVICES, Prediction, ReceiptCounter  # noqa: E402
 from models.metrics import ECE_BINS, classification_report  # noqa: E402
 
@@ -70,7 +72,7 @@ def write_misclassified(path: Path, class_names: list[str], records: list[Record
                         predictions: list[Prediction]) -> int:
     """CSV of the readable images whose prediction is wrong; returns how many."""
     rows = [(r, p) for r, p in zip(records, predictions) if p.ok and p.class_index != r.label]
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "true", "predicted", *[f"prob_{n}" for n in class_names]])
         for r, p in rows:
@@ -185,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     metrics["num_misclassified"] = write_misclassified(args.out / "misclassified.csv", counter.class_names,
                                                        records, predictions)
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(args.out / "metrics.json", json.dumps(metrics, indent=2))
     title = f"Confusion matrix, accuracy {metrics['accuracy']:.1%} (n={metrics['num_samples']}, {counter.encoder})"
-    draw_confusion_matrix(metrics["confusion_matrix"]["counts"], counter.class_names, title).save(
-        args.out / "confusion_matrix.png")
+    with atomic_path(args.out / "confusion_matrix.png") as tmp:
+        draw_confusion_matrix(metrics["confusion_matrix"]["counts"], counter.class_names, title).save(tmp, "PNG")
     print(f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  ECE {metrics['ece']:.4f}  "
           f"({metrics['num_samples']} images, {metrics['num_failed']} failed) -> {args.out}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from models import files
 from models.build import build_model
+from models.files import atomic_path, replace_dir, write_json
 from models.internvl2 import InternVL2MultimodalModel
 from train.checkpoints import list_checkpoints
 from train.plots import COLOURS, nice_ticks
@@ -230,3 +233,43 @@ def test_save_pretrained_outside_training_writes_a_plain_card(tiny_checkpoints, 
     card = ModelCard.load(model.save_pretrained(tmp_path / "m") / "README.md")
     assert card.data.eval_results is None and card.data.pipeline_tag == "image-classification"
     assert "Not recorded: this folder was saved outside a training run." in card.text
+
+
+def test_atomic_writes_leave_the_old_file_on_error(tmp_path):
+    target = tmp_path / "results.json"
+    write_json(target, {"a": 1})
+    with pytest.raises(ZeroDivisionError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            1 / 0
+    assert json.loads(target.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
+def _export(folder: Path, text: str) -> Path:
+    folder.mkdir()
+    (folder / "config.json").write_text(text)
+    return folder
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="renameat2(RENAME_EXCHANGE) is Linux's")
+def test_replace_dir_never_leaves_the_folder_missing(tmp_path, monkeypatch):
+    best = _export(tmp_path / "best", "0")
+    rename = Path.rename
+
+    def guarded(self: Path, target):  # moving the live folder away would open a gap
+        assert Path(self) != best, "best/ was renamed away: it would be missing until the next rename"
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", guarded)
+    for i in range(1, 4):
+        replace_dir(_export(tmp_path / f".best.tmp-{i}", str(i)), best)
+        assert (best / "config.json").read_text() == str(i)
+    assert [p.name for p in tmp_path.iterdir()] == ["best"]
+
+
+def test_replace_dir_without_an_atomic_exchange_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    best = _export(tmp_path / "best", "old")
+    replace_dir(_export(tmp_path / ".new", "new"), best)
+    assert (best / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["best"]
+    assert "no atomic folder exchange here" in caplog.text

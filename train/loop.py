@@ -40,7 +40,7 @@ from models.internvl2 import InternVL2MultimodalModel
 from models.metrics import accuracy, confusion_matrix, macro_f1, per_class_scores
 from train.checkpoints import TrainingProgress, check_safe_to_load, save_checkpoint
 from train.data import RunDatasets
-from train.files import append_jsonl, write_json, write_jsonl
+from models.files import append_jsonl, write_json, write_jsonl
 from train.lora import LORA_GROUPS, inject_lora, lora_groups, merge_lora
 from train.report import write_report
 from train.tracking import RunTracker, epoch_scalars, step_scalars

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from config.loader import load_config
 from models.metrics import accuracy, macro_f1
-from train.files import read_jsonl, write_text_atomic
+from models.files import atomic_path, read_jsonl, write_text_atomic
 from train.plots import Panel, Series, line_chart, thumbnail_grid
 
 logger = logging.getLogger(__name__)
@@ -40,12 +40,14 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
     steps, epochs = read_jsonl(run / "steps.jsonl"), read_jsonl(run / "metrics.jsonl")
     results = _read_json(run / "results.json")
     written = {"curves": run / "curves.png"}
-    draw_curves(steps, epochs).save(written["curves"])
+    with atomic_path(written["curves"]) as tmp:
+        draw_curves(steps, epochs).save(tmp, "PNG")
     predictions = read_jsonl(run / "test_predictions.jsonl")
     mistakes = confident_mistakes(predictions, list(config.model.class_names))
     if mistakes:
         written["mistakes"] = run / "mistakes.png"
-        draw_mistakes(mistakes, list(config.model.class_names)).save(written["mistakes"])
+        with atomic_path(written["mistakes"]) as tmp:
+            draw_mistakes(mistakes, list(config.model.class_names)).save(tmp, "PNG")
     stages = _stage_rows(run, [s.name for s in config.train.stages], steps, epochs)
     text = render_report(run.name, config.model.class_names, stages, epochs, results, predictions, mistakes)
     written["report"] = run / "report.md"

@@ -24,7 +24,7 @@ from models.build import build_model
 from train.checkpoints import (RESOLVED_CONFIG, UnsafeCheckpointError, latest_checkpoint, read_progress,
                                remove_stale_temporaries)
 from train.data import build_datasets
-from train.files import write_text_atomic
+from models.files import write_text_atomic
 from train.loop import Trainer
 from train.tracking import TrackerError, check_report_to
 
