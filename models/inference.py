@@ -75,10 +75,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 class ReceiptCounter:
-    """A receipt counter ready for inference: eval mode, on one device, default question tokenized once.
+    """A receipt counter ready for inference: eval mode, frozen, on one device, default question tokenized once.
+
+    The model is frozen (no parameter requires grad: inference never trains it), which is what lets it
+    compute the LLM's states once per distinct question (`models.question_cache`): for the default
+    question the LLM runs once, on the first batch.
 
     Args:
-        model: the trained model; it is put in eval mode and moved to `device`.
+        model: the trained model; it is put in eval mode, frozen and moved to `device`.
         device: "auto", "cpu", "cuda" or a torch.device.
         max_image_pixels: image files above this many pixels are refused as decompression bombs.
     """
@@ -86,7 +90,7 @@ class ReceiptCounter:
     def __init__(self, model: InternVL2MultimodalModel, device: str | torch.device = "cpu",
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.device = resolve_device(device)
-        self.model = model.eval().to(self.device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
         self.max_image_pixels = max_image_pixels
         # One tokenization of the default question, shared by every batch: identical ids for every row.
         self._default_ids, self._default_mask = model.tokenize([None], self.device)  # (1, T) each
@@ -105,7 +109,10 @@ class ReceiptCounter:
     @classmethod
     def from_model(cls, model: InternVL2MultimodalModel, device: str | torch.device = "cpu",
                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "ReceiptCounter":
-        """Wrap an in-memory model (e.g. at the end of training) without a round trip through disk."""
+        """Wrap an in-memory model (e.g. at the end of training) without a round trip through disk.
+
+        The model itself is put in eval mode and frozen (see the class docstring), not a copy of it.
+        """
         return cls(model, device, max_image_pixels)
 
     @property
