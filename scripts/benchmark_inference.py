@@ -12,6 +12,19 @@ normalising as well as the forward pass. One timed call = `predict(paths of one 
 call (per batch), images/s is images over total time. A warm-up pass runs first and is not timed.
 Prints a Markdown table. --threads sets torch's intra-op threads: on a shared, busy CPU one thread can
 be much faster than two (threads spin waiting for each other), so say which one a number used.
+
+    python scripts/benchmark_inference.py --decode [--photos 12] [--photo-size 4000x3000]
+                                          [--decode-sizes 224 448] [--rounds 3]
+
+--decode measures the data pipeline alone (no model): decode + EXIF + preprocessing of generated
+phone photos (a receipt scene scaled to --photo-size, with sensor-like noise, JPEG quality 90, every
+other one stored sideways with EXIF orientation 6), in images/s on one core, for each encoder input
+size: "full decode" is the pipeline as it was (`open_image` decodes every pixel, then `preprocess`
+shrinks), "draft decode" is `load_pixel_values` (JPEG DCT scaling to the smallest scale that covers
+the input). It also reports how far the two pipelines' tensors are apart. With --labels MANIFEST it
+instead classifies the manifest's images through both pipelines with one fixed random tiny model
+(the demo model of --encoder, its fusion gates opened so the pixels reach the head) and counts the
+labels that differ.
 """
 
 from __future__ import annotations
@@ -31,11 +44,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from PIL import Image, ImageChops  # noqa: E402
+
 from config import load_config  # noqa: E402
+from data.dataset import load_pixel_values  # noqa: E402
+from data.images import open_image  # noqa: E402
+from data.manifest import load_records  # noqa: E402
 from data.synth.scene import render_scene  # noqa: E402
+from data.transforms import preprocess  # noqa: E402
 from models.build import build_model  # noqa: E402
+from models.encoders import ImagePreprocessing  # noqa: E402
 from models.inference import DEVICES, ReceiptCounter  # noqa: E402
+from models.internvl2 import InternVL2MultimodalModel  # noqa: E402
 from models.tiny import write_tiny_checkpoints  # noqa: E402
+from scripts.benchmark import markdown_table, parse_size  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FOLDER = {"internvit": "internvl2", "swin": "swin", "swinv2": "swinv2", "swinv2_inhouse": "swinv2"}
@@ -59,6 +81,103 @@ def write_jpegs(folder: Path, count: int, side: int) -> list[Path]:
         paths.append(folder / f"scene_{i:04d}.jpg")
         image.save(paths[-1], quality=quality)
     return paths
+
+
+def write_photos(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
+    """`count` phone-photo-like JPEGs of `size` = (height, width): a receipt scene scaled up, plus noise.
+
+    Every other photo is stored sideways (width and height swapped) with EXIF orientation 6, as
+    phones store portrait shots, so the draft sizing of turned images is measured too.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    height, width = size
+    paths = []
+    for i in range(count):
+        scene, _ = render_scene(random.Random(i), 1000, i % 4)
+        turned = i % 2 == 1
+        stored = (height, width) if turned else (width, height)  # PIL sizes are (width, height)
+        photo = scene.resize(stored, Image.Resampling.BICUBIC)
+        noise = Image.effect_noise(stored, 12).convert("RGB")  # mean 128: shifts pixels by N(0, 12)
+        photo = ImageChops.add(photo, noise, scale=1.0, offset=-128)
+        exif = Image.Exif()
+        exif[0x0112] = 6 if turned else 1
+        paths.append(folder / f"photo_{i:03d}.jpg")
+        photo.save(paths[-1], quality=90, exif=exif)
+    return paths
+
+
+def full_decode(path: Path, preprocessing: ImagePreprocessing) -> torch.Tensor:
+    """The pipeline before draft decoding: every pixel decoded, then shrunk by `preprocess`."""
+    return preprocess(open_image(path), preprocessing)
+
+
+def decode_rate(load, paths: list[Path], preprocessing: ImagePreprocessing, rounds: int) -> float:
+    """Images/s of `load(path, preprocessing)` over `rounds` passes, after one untimed pass."""
+    for path in paths:
+        load(path, preprocessing)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for path in paths:
+            load(path, preprocessing)
+    return rounds * len(paths) / (time.perf_counter() - start)
+
+
+def decode_table(paths: list[Path], sides: list[int], rounds: int) -> str:
+    """Full vs draft decode + preprocessing, images/s, one row per encoder input side."""
+    rows = []
+    for side in sides:
+        preprocessing = ImagePreprocessing(size=(side, side), mean=(0.5,) * 3, std=(0.5,) * 3)
+        full = decode_rate(full_decode, paths, preprocessing, rounds)
+        fast = decode_rate(load_pixel_values, paths, preprocessing, rounds)
+        gaps = [(full_decode(p, preprocessing) - load_pixel_values(p, preprocessing)).abs() for p in paths]
+        drafted = open_image(paths[0], target_size=(side, side)).size
+        rows.append([f"{side}x{side}", f"{drafted[0]}x{drafted[1]}", f"{full:.2f}", f"{fast:.2f}",
+                     f"**{fast / full:.1f}x**", f"{sum(g.mean().item() for g in gaps) / len(gaps):.4f}",
+                     f"{max(g.max().item() for g in gaps):.3f}"])
+    headers = ["encoder input", "first photo decoded at (WxH)", "full decode img/s", "draft decode img/s",
+               "speed-up", "mean abs diff", "max abs diff"]
+    return markdown_table(headers, rows)
+
+
+def label_changes(manifest: str, encoder: str, work: Path, batch_size: int) -> str:
+    """Predicted labels of a manifest's images through the full and the draft decode, with one random model."""
+    model = InternVL2MultimodalModel.from_pretrained(export_demo_model(encoder, work))
+    with torch.no_grad():
+        for block in model.fusion.blocks:
+            block.attn_gate.alpha.fill_(1.0)
+            block.mlp_gate.alpha.fill_(1.0)
+    counter = ReceiptCounter.from_model(model)
+    paths = [r.path for r in load_records(manifest, counter.class_names)]
+    probs = {}
+    for name, load in (("full", full_decode), ("draft", load_pixel_values)):
+        pixels = [load(p, counter.model.preprocessing) for p in paths]
+        probs[name] = torch.tensor([list(p.probabilities.values()) for p in counter.predict(pixels, batch_size)])
+    # An untrained head gives every image the class of its bias; taking out the split's mean log-probability
+    # (the same offset for both pipelines) leaves labels that follow the pixels, so a change can show.
+    prior = probs["full"].log().mean(0)
+    labels = {name: (p.log() - prior).argmax(1) for name, p in probs.items()}
+    changed = int((labels["full"] != labels["draft"]).sum())
+    spread = torch.bincount(labels["full"], minlength=len(counter.class_names)).tolist()
+    with Image.open(paths[0]) as first:
+        side = f"{first.width}x{first.height}"
+    return (f"{manifest}: {len(paths)} images ({side} px) -> {counter.model.preprocessing.size}; labels changed by "
+            f"the draft decode: {changed} of {len(paths)} (full-decode labels per class {spread}); max |probability "
+            f"change| {(probs['full'] - probs['draft']).abs().max():.2e}")
+
+
+def decode_main(args: argparse.Namespace, work: Path) -> None:
+    if args.labels:
+        print(label_changes(args.labels, args.encoder, work, max(args.batch_sizes)))
+        return
+    paths = write_photos(work / "photos", args.photos, args.photo_size)
+    megabytes = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
+    print(f"{args.photos} JPEG photos of {args.photo_size[1]}x{args.photo_size[0]} px ({megabytes:.1f} MB each, "
+          f"half stored sideways with EXIF orientation 6); decode + EXIF + pad-resize + normalise, one process, "
+          f"{args.rounds} timed passes; {platform.processor() or platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    print(decode_table(paths, args.decode_sizes, args.rounds), flush=True)
+    print("\ndiffs: between the two pipelines' normalised tensors (mean/std 0.5: values span [-1, 1]), "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
 def time_calls(counter: ReceiptCounter, paths: list[Path], batch_size: int, rounds: int) -> list[float]:
@@ -96,6 +215,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-side", type=int, default=448, help="side of the synthetic JPEGs, px")
     parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--decode", action="store_true", help="measure decode + preprocessing only (no model)")
+    parser.add_argument("--photos", type=int, default=12, help="--decode: generated photos")
+    parser.add_argument("--photo-size", type=parse_size, default=(3000, 4000),
+                        help="--decode: photo HxW as stored upright (default 3000x4000, a 12 MP landscape)")
+    parser.add_argument("--decode-sizes", type=int, nargs="+", default=[224, 448], help="--decode: encoder input sides")
+    parser.add_argument("--labels", help="--decode: a manifest whose labels to compare between the two decodes")
     return parser.parse_args(argv)
 
 
@@ -107,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.decode:
+            decode_main(args, work)
+            return 0
         folder = args.checkpoint or export_demo_model(args.encoder, work)
         counter = ReceiptCounter.from_pretrained(folder, device=args.device)
         paths = write_jpegs(work / "jpegs", args.images, args.image_side)
