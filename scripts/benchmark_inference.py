@@ -25,6 +25,12 @@ the input). It also reports how far the two pipelines' tensors are apart. With -
 instead classifies the manifest's images through both pipelines with one fixed random tiny model
 (the demo model of --encoder, its fusion gates opened so the pixels reach the head) and counts the
 labels that differ.
+
+    python scripts/benchmark_inference.py --stream [--stream-counts 1000 10000] [--workers 2]
+
+--stream runs `scripts/predict.py` (a separate process, --output JSONL) on folders of that many small
+generated JPEGs with the tiny demo model, sampling the resident memory of the predict process and
+of its DataLoader workers every 0.2 s: flat memory shows as the same peak at 1,000 and 10,000 images.
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ import argparse
 import os
 import platform
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -180,6 +188,71 @@ def decode_main(args: argparse.Namespace, work: Path) -> None:
           f"load average {os.getloadavg()[0]:.1f} at the end")
 
 
+def write_small_jpegs(folder: Path, count: int, side: int = 96) -> None:
+    """`count` quick, distinct side x side JPEGs (a flat colour and a block), for folder-scale runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for i in range(count):
+        image = Image.new("RGB", (side, side), tuple(rng.randrange(256) for _ in range(3)))
+        x, y = rng.randrange(side // 2), rng.randrange(side // 2)
+        image.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + side // 2, y + side // 2))
+        image.save(folder / f"img_{i:05d}.jpg", quality=85)
+
+
+def _rss_mib(pid: int) -> float:
+    """Resident memory of one process, MiB (0 once it has gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def stream_row(export: Path, folder: Path, count: int, workers: int, batch_size: int, work: Path) -> list[str]:
+    """Run predict.py on `folder`, sampling its memory; one table row."""
+    command = [sys.executable, str(ROOT / "scripts" / "predict.py"), "--checkpoint", str(export), "--device", "cpu",
+               "--batch-size", str(batch_size), "--workers", str(workers), "--output", str(work / "rows.jsonl"),
+               str(folder)]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    main_rss, worker_rss = [], []
+    while process.poll() is None:
+        main_rss.append(_rss_mib(process.pid))
+        worker_rss.append(sum(_rss_mib(c) for c in _children(process.pid)))
+        time.sleep(0.2)
+    wall = time.perf_counter() - start
+    rows = (work / "rows.jsonl").read_text().count("\n")
+    half = main_rss[len(main_rss) // 2] if main_rss else 0.0
+    return [f"{count:,}", f"{rows:,}", str(process.returncode), f"{wall:.1f}", f"{count / wall:.1f}",
+            f"{half:.0f}", f"{max(main_rss, default=0):.0f}", f"{max(worker_rss, default=0):.0f}"]
+
+
+def stream_main(args: argparse.Namespace, work: Path) -> None:
+    export = args.checkpoint or export_demo_model(args.encoder, work)
+    rows = []
+    for count in args.stream_counts:
+        folder = work / f"folder_{count}"
+        write_small_jpegs(folder, count)
+        rows.append(stream_row(export, folder, count, args.workers, max(args.batch_sizes), work))
+        shutil.rmtree(folder)
+        print(f"  {count} images done", file=sys.stderr, flush=True)
+    print(f"scripts/predict.py --workers {args.workers} --batch-size {max(args.batch_sizes)} --output rows.jsonl "
+          f"FOLDER on 96x96 JPEGs, {'--checkpoint ' + str(args.checkpoint) if args.checkpoint else 'tiny demo model'}"
+          f"; memory sampled every 0.2 s; load average {os.getloadavg()[0]:.1f}\n")
+    headers = ["images", "rows written", "exit", "wall s", "images/s", "predict RSS at half-time (MiB)",
+               "predict peak RSS (MiB)", "workers peak RSS, summed (MiB)"]
+    print(markdown_table(headers, rows))
+
+
 def time_calls(counter: ReceiptCounter, paths: list[Path], batch_size: int, rounds: int) -> list[float]:
     """Seconds of each `predict` call over `rounds` passes through `paths`, after one untimed warm-up call."""
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -221,6 +294,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="--decode: photo HxW as stored upright (default 3000x4000, a 12 MP landscape)")
     parser.add_argument("--decode-sizes", type=int, nargs="+", default=[224, 448], help="--decode: encoder input sides")
     parser.add_argument("--labels", help="--decode: a manifest whose labels to compare between the two decodes")
+    parser.add_argument("--stream", action="store_true", help="measure predict.py's memory on large folders")
+    parser.add_argument("--stream-counts", type=int, nargs="+", default=[1000, 10000], help="--stream: folder sizes")
+    parser.add_argument("--workers", type=int, default=2, help="--stream: predict.py --workers")
     return parser.parse_args(argv)
 
 
@@ -234,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         if args.decode:
             decode_main(args, work)
+            return 0
+        if args.stream:
+            stream_main(args, work)
             return 0
         folder = args.checkpoint or export_demo_model(args.encoder, work)
         counter = ReceiptCounter.from_pretrained(folder, device=args.device)
