@@ -51,14 +51,14 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import (AutoConfig, AutoModel, InternVLConfig, InternVLForConditionalGeneration,  # noqa: E402
                           PretrainedConfig)
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from config import load_config  # noqa: E402
 from models.encoders import get_encoder_class  # noqa: E402
 from models.inference import ReceiptCounter  # noqa: E402
 from models.internvl2 import InternVL2MultimodalModel  # noqa: E402
 from models.tiny import build_tokenizer  # noqa: E402
-from scripts.benchmark import count_flops, machine_info, markdown_table, median_seconds  # noqa: E402
+from scripts.benchmark import (count_flops, machine_info, markdown_table, median_seconds,  # noqa: E402
+                               quiet_and_threaded)
 
 INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
                       patch_size=[14, 14], norm_type="layer_norm", use_qk_norm=False)
@@ -164,7 +164,8 @@ class TimedRow:
     llm_share: float
 
 
-def time_call(call: Callable[[], Any], timer: ForwardTimer, repeats: int, device: torch.device) -> tuple[float, int, float]:
+def time_call(call: Callable[[], Any], timer: ForwardTimer, repeats: int, device: torch.device
+              ) -> tuple[float, int, float]:
     """(median seconds per call, LLM forwards in the timed calls, LLM share of their time); one warm-up first."""
     call()
     timer.reset()
@@ -312,10 +313,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    quiet_and_threaded(args.threads)
     device = torch.device(args.device)
     before = machine_info(torch.get_num_threads())
     rows: list[TimedRow] = []

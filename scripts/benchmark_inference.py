@@ -50,7 +50,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from PIL import Image, ImageChops  # noqa: E402
 
@@ -65,7 +64,7 @@ from models.encoders import ImagePreprocessing  # noqa: E402
 from models.inference import DEVICES, ReceiptCounter  # noqa: E402
 from models.internvl2 import InternVL2MultimodalModel  # noqa: E402
 from models.tiny import write_tiny_checkpoints  # noqa: E402
-from scripts.benchmark import markdown_table, parse_size  # noqa: E402
+from scripts.benchmark import markdown_table, parse_size, quiet_and_threaded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FOLDER = {"internvit": "internvl2", "swin": "swin", "swinv2": "swinv2", "swinv2_inhouse": "swinv2"}
@@ -231,9 +230,9 @@ def stream_row(export: Path, folder: Path, count: int, workers: int, batch_size:
         time.sleep(0.2)
     wall = time.perf_counter() - start
     rows = (work / "rows.jsonl").read_text().count("\n")
-    half = main_rss[len(main_rss) // 2] if main_rss else 0.0
+    half = len(main_rss) // 2
     return [f"{count:,}", f"{rows:,}", str(process.returncode), f"{wall:.1f}", f"{count / wall:.1f}",
-            f"{half:.0f}", f"{max(main_rss, default=0):.0f}", f"{max(worker_rss, default=0):.0f}"]
+            f"{main_rss[half]:.0f}", f"{max(main_rss):.0f}", f"{worker_rss[half]:.0f}", f"{max(worker_rss):.0f}"]
 
 
 def stream_main(args: argparse.Namespace, work: Path) -> None:
@@ -248,8 +247,8 @@ def stream_main(args: argparse.Namespace, work: Path) -> None:
     print(f"scripts/predict.py --workers {args.workers} --batch-size {max(args.batch_sizes)} --output rows.jsonl "
           f"FOLDER on 96x96 JPEGs, {'--checkpoint ' + str(args.checkpoint) if args.checkpoint else 'tiny demo model'}"
           f"; memory sampled every 0.2 s; load average {os.getloadavg()[0]:.1f}\n")
-    headers = ["images", "rows written", "exit", "wall s", "images/s", "predict RSS at half-time (MiB)",
-               "predict peak RSS (MiB)", "workers peak RSS, summed (MiB)"]
+    headers = ["images", "rows written", "exit", "wall s (with start-up)", "images/s", "predict RSS at half-time (MiB)",
+               "predict peak RSS (MiB)", "workers RSS at half-time, summed (MiB)", "workers peak RSS, summed (MiB)"]
     print(markdown_table(headers, rows))
 
 
@@ -302,10 +301,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    quiet_and_threaded(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.decode:
