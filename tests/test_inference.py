@@ -14,7 +14,7 @@ import models.internvl2 as internvl2
 import models.language as language
 from data.dataset import load_pixel_values
 from models.build import build_model
-from models.inference import ReceiptCounter, resolve_device
+from models.inference import ReceiptCounter, cpu_threads_beside, resolve_device
 from tests.conftest import make_config
 
 
@@ -244,3 +244,8 @@ def test_results_stream_before_later_inputs_are_decoded(counter, files, tmp_path
     first = [next(stream), next(stream)]
     draw_image(64, 64, seed=9).save(late)  # written after the first batch came back
     assert all(p.ok for p in first) and next(stream).ok and next(stream, None) is None
+
+
+def test_the_model_gets_the_cores_the_workers_leave():
+    cores = cpu_threads_beside(0)
+    assert cores >= 1 and cpu_threads_beside(1) == max(1, cores - 1) and cpu_threads_beside(cores + 5) == 1
