@@ -10,16 +10,17 @@ Validity rule (checked on every call, in this order):
    train mode without active dropout: no `nn.Dropout` with p > 0, including LoRA's, and a config
    `attention_dropout` of 0). Otherwise the LLM runs as usual and the cache is emptied, so states
    computed before the LLM trained are never served after it.
-2. **The LLM's fingerprint must match the one the entries were computed under**: parameter names
-   (LoRA injection and merging add or remove parameters), each parameter's dtype and device
-   (`.to(...)`, `.half()`), autocast (on, dtype) and inference mode. A mismatch empties the cache.
+2. **The LLM's fingerprint must match the one the entries were computed under**: which module the
+   LLM is (`model.language` replaced), its parameter names (LoRA injection and merging add or remove
+   parameters), each parameter's dtype and device (`.to(...)`, `.half()`), autocast (on, dtype) and
+   inference mode. A mismatch empties the cache.
 3. **Weight loads empty it**: `InternVL2MultimodalModel` registers a `load_state_dict` post-hook on
    its LLM that calls `clear()`; `load_state_dict`, `safetensors.torch.load_model` and accelerate's
    `load_state` (resume) all go through `load_state_dict`.
 
-What the rule cannot see is an in-place write to frozen LLM weights outside `load_state_dict`
-(`param.copy_(...)` under `torch.no_grad()`): code that does that calls
-`model.question_cache.clear()` afterwards.
+What the rule cannot see is a change of frozen LLM weights outside `load_state_dict`: an in-place
+write (`param.copy_(...)` under `torch.no_grad()`) or a parameter replaced by another of the same
+name, dtype and device. Code that does that calls `model.question_cache.clear()` afterwards.
 
 Entries are keyed by a row's token ids and attention mask up to its last real token. The LLM is
 causal, so the states of those positions do not depend on what follows (padding, or a longer
@@ -29,6 +30,7 @@ pooling, and the cache fills them with zeros.
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from typing import Hashable
 
@@ -56,7 +58,8 @@ def llm_fingerprint(language: nn.Module) -> Hashable:
     device_type = next(language.parameters()).device.type
     autocast = torch.is_autocast_enabled(device_type)
     autocast_dtype = torch.get_autocast_dtype(device_type) if autocast else None
-    return params, autocast, autocast_dtype, torch.is_inference_mode_enabled()
+    # A weak reference: equal while it is the same live module, and it does not keep a replaced LLM alive.
+    return weakref.ref(language), params, autocast, autocast_dtype, torch.is_inference_mode_enabled()
 
 
 def question_keys(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[QuestionKey]:
@@ -85,6 +88,13 @@ class QuestionStateCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def __getstate__(self) -> dict:
+        """A copy (`copy.deepcopy` of the model) starts empty: entries belong to one LLM, held by weak reference."""
+        return {"max_entries": self.max_entries}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["max_entries"])
 
     def clear(self) -> None:
         """Forget every entry (after an in-place write to the LLM's weights, for example)."""

@@ -198,12 +198,24 @@ def test_train_mode_is_cached_without_dropout_and_not_with_it(tiny_checkpoints, 
     assert len(calls) == 5
 
 
-def test_a_deep_copy_has_its_own_cache(tiny_checkpoints, pixels):
+def test_a_replaced_llm_is_not_served_the_old_llms_states(tiny_checkpoints, pixels):
+    model, other = frozen_model(tiny_checkpoints), frozen_model(tiny_checkpoints)
+    with torch.no_grad():
+        other.language.embed_tokens.weight.normal_()
+        before = model(pixels).logits
+        model.language = other.language  # same names, dtypes and devices: only the module differs
+        torch.testing.assert_close(model(pixels).logits, uncached_logits(model, pixels), rtol=0, atol=1e-6)
+    assert not torch.allclose(before, model(pixels).logits)
+
+
+def test_copies_start_empty_and_clear_only_their_own_cache(tiny_checkpoints, pixels):
     model = frozen_model(tiny_checkpoints)
     with torch.no_grad():
         model(pixels)
         twin = copy.deepcopy(model)
-        twin.load_state_dict(frozen_model(tiny_checkpoints, seed=1).state_dict())
+        assert len(twin.question_cache) == 0
+        twin(pixels)
+        twin.load_state_dict(frozen_model(tiny_checkpoints, seed=1).state_dict())  # the twin's hook, the twin's cache
     assert len(model.question_cache) == 1 and len(twin.question_cache) == 0
 
 
