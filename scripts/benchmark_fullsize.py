@@ -30,8 +30,9 @@ Shapes are the published configs: InternVL2.5-1B = InternViT-300M-448px + Qwen2.
 MLP 12800, QK norm, RMSNorm) + InternLM2.5-20B (6144, 48 layers, 48 / 8 heads, MLP 16384). InternLM2's
 layers are Llama's (GQA attention, SwiGLU MLP, RMSNorm), so they are built as transformers' Llama, as
 transformers' own InternVL conversion does. The question is tokenized by the project's tiny tokenizer
-(8 tokens, as many as Qwen2's for the default question). At full shape a timed run needs about 12 GB of
-memory and, on a 16-core CPU, some ten minutes; give it the whole machine.
+(8 tokens, as many as Qwen2's for the default question). At full shape the models are built one at a
+time (about 4 GB each in float32); at the rates the issue measured on 2 threads (0.13-0.61 images/s)
+the default run takes about ten minutes on the project's 2 cores: give it the whole machine.
 """
 
 from __future__ import annotations
