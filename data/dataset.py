@@ -51,13 +51,16 @@ def load_pixel_values(path: str | os.PathLike[str], preprocessing: ImagePreproce
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """Open one image safely and preprocess it for the encoder.
 
+    A large JPEG is decoded at the smallest DCT scale that still covers the encoder's input
+    (`data.images.open_image`'s `target_size`), so preprocessing only ever shrinks it.
+
     Returns:
         FloatTensor (3, H, W) with (H, W) = `preprocessing.size`.
 
     Raises:
         BadImageError: the file is missing, empty, truncated, not an image or too large.
     """
-    image = open_image(path, max_image_pixels)
+    image = open_image(path, max_image_pixels, preprocessing.size, preprocessing.resize)
     return preprocess(image, preprocessing, augment, generator)
 
 

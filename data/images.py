@@ -3,7 +3,9 @@
 Public API:
     BadImageError(path, reason)             -- `str(err)` is "PATH: reason"; `.path`, `.reason`.
     DEFAULT_MAX_IMAGE_PIXELS: int           -- default pixel limit (config key `data.max_image_pixels`).
-    open_image(path, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS) -> PIL.Image.Image  (mode "RGB")
+    open_image(path, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS, target_size=None, resize="pad")
+        -> PIL.Image.Image  (mode "RGB")
+    fitted_size(size, box, resize="pad") -> (height, width)
     to_rgb(image, background=(255, 255, 255)) -> PIL.Image.Image
 
 `open_image` applies the EXIF orientation, converts every PIL mode (1, L, P, RGBA, LA, PA, CMYK,
@@ -12,6 +14,11 @@ truncated, non-image and oversized ("decompression bomb") files. The pixel limit
 nothing here changes `PIL.Image.MAX_IMAGE_PIXELS`. Pillow's own global check still runs inside
 `Image.open` (it errors above twice its global limit, about 179 MP by default), so a
 `max_image_pixels` above that ceiling also needs the application to raise the global itself.
+
+Fast decode: given the `target_size` the image will be scaled into, a JPEG is decoded by libjpeg's
+DCT scaling at 1/2, 1/4 or 1/8 of its size (PIL's draft mode), the smallest scale whose upright size
+still covers what `target_size` takes of it, so the final resize only ever shrinks. A 12 MP phone
+photo headed for 448 px is decoded at 1/4 or 1/8 instead of at full size and then shrunk.
 """
 
 from __future__ import annotations
@@ -19,13 +26,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 # 64 MP: above any document scan or phone photo in normal use (a 64 MP RGB bitmap is ~190 MB),
 # far below what exhausts memory in a data-loader worker.
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
 WHITE = (255, 255, 255)
+RESIZE_MODES = ("pad", "resize")
+# EXIF orientations whose upright image is the stored one turned by 90 degrees (width and height swap).
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class BadImageError(ValueError):
@@ -45,16 +55,22 @@ class BadImageError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
-def open_image(path: str | os.PathLike[str], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def open_image(path: str | os.PathLike[str], max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+               target_size: tuple[int, int] | None = None, resize: str = "pad") -> Image.Image:
     """Open, fully decode, EXIF-orient and convert an image file to RGB.
 
     Args:
         path: image file.
         max_image_pixels: refuse images with more than this many pixels (checked from the header,
-            before decoding).
+            before decoding, on the full stored size).
+        target_size: (height, width) the caller will scale the upright image into; a JPEG is then
+            decoded at the smallest DCT scale that still covers `fitted_size(..., target_size, resize)`.
+            None decodes at full size.
+        resize: how the caller scales into `target_size`, as in `data.transforms.resize_image`.
 
     Returns:
-        A loaded image in mode "RGB", upright according to its EXIF orientation.
+        A loaded image in mode "RGB", upright according to its EXIF orientation; with `target_size`,
+        possibly 1/2, 1/4 or 1/8 of the stored size, never smaller than what the target needs.
 
     Raises:
         BadImageError: missing, empty, not an image, truncated/corrupt, too large, or an
@@ -62,7 +78,7 @@ def open_image(path: str | os.PathLike[str], max_image_pixels: int = DEFAULT_MAX
     """
     path = Path(path)
     _check_file(path)
-    image = _decode(path, max_image_pixels)
+    image = _decode(path, max_image_pixels, target_size, resize)
     image = _exif_upright(image)
     try:
         return to_rgb(image)
@@ -80,7 +96,8 @@ def _check_file(path: Path) -> None:
         raise BadImageError(path, "empty file")
 
 
-def _decode(path: Path, max_image_pixels: int) -> Image.Image:
+def _decode(path: Path, max_image_pixels: int, target_size: tuple[int, int] | None = None,
+            resize: str = "pad") -> Image.Image:
     """Read the header, check the size, then decode every pixel (so truncation shows up here)."""
     try:
         image = Image.open(path)
@@ -99,11 +116,47 @@ def _decode(path: Path, max_image_pixels: int) -> Image.Image:
         image.close()
         raise BadImageError(path, f"zero-sized image ({width}x{height})")
     try:
+        if target_size is not None:
+            image.draft(None, _draft_request(image, target_size, resize))  # a no-op for formats but JPEG
         image.load()
     except Exception as exc:  # noqa: BLE001 -- decoders raise OSError, ValueError, struct.error, ...
         image.close()
         raise BadImageError(path, f"truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
     return image
+
+
+def fitted_size(size: tuple[int, int], box: tuple[int, int], resize: str = "pad") -> tuple[int, int]:
+    """(height, width) an image of `size` = (height, width) takes once scaled into `box` = (height, width).
+
+    "pad" fits it inside the box keeping the aspect ratio (the rest is padding), "resize" stretches it
+    to the box.
+    """
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {resize!r}")
+    if resize == "resize":
+        return box
+    scale = min(box[0] / size[0], box[1] / size[1])
+    return max(1, min(box[0], round(size[0] * scale))), max(1, min(box[1], round(size[1] * scale)))
+
+
+def _draft_request(image: Image.Image, target_size: tuple[int, int], resize: str) -> tuple[int, int]:
+    """The (width, height) in the *stored* orientation that PIL's draft must keep both sides >= to.
+
+    `target_size` is about the upright image, so an EXIF quarter turn swaps the sides twice: once to
+    get the upright size, once to bring the needed size back to the stored orientation.
+    """
+    width, height = image.size
+    turned = _exif_orientation(image) in TRANSPOSING_ORIENTATIONS
+    need_h, need_w = fitted_size((width, height) if turned else (height, width), target_size, resize)
+    return (need_h, need_w) if turned else (need_w, need_h)
+
+
+def _exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored); a broken EXIF block reads as 1, as `_exif_upright` treats it."""
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except (OSError, SyntaxError, ValueError, KeyError, TypeError):
+        return 1
 
 
 def _exif_upright(image: Image.Image) -> Image.Image:

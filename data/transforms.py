@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter
 from transformers.image_utils import PILImageResampling
 
-from data.images import to_rgb
+from data.images import fitted_size, to_rgb
 from models.encoders.base import ImagePreprocessing
 
 WHITE = (255, 255, 255)
@@ -79,13 +79,9 @@ def resize_image(image: Image.Image, size: tuple[int, int], mode: str = "pad",
             `pad_value` canvas; "resize" stretches to `size`.
     """
     height, width = size
+    new_h, new_w = fitted_size((image.height, image.width), size, mode)
     if mode == "resize":
         return image.resize((width, height), RESAMPLE)
-    if mode != "pad":
-        raise ValueError(f"resize mode must be 'pad' or 'resize', got {mode!r}")
-    scale = min(height / image.height, width / image.width)
-    new_w = max(1, min(width, round(image.width * scale)))
-    new_h = max(1, min(height, round(image.height * scale)))
     canvas = Image.new("RGB", (width, height), tuple(pad_value))
     canvas.paste(image.resize((new_w, new_h), RESAMPLE), ((width - new_w) // 2, (height - new_h) // 2))
     return canvas

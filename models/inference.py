@@ -11,6 +11,10 @@ Inputs may be image paths, PIL images, or already-preprocessed (3, H, W) tensors
 Batching does not change answers: every image is preprocessed to the model's fixed
 `preprocessing.size` and, unless questions are given, every image is asked the same default question,
 so a batch is a plain stack of independent rows (no image or token padding differs between rows).
+
+Streaming: `iter_predict(..., num_workers=N)` decodes and preprocesses in N DataLoader worker
+processes while the model classifies the previous batch, and yields results batch by batch in input
+order; at most a few batches are in flight, so memory does not grow with the number of inputs.
 """
 
 from __future__ import annotations
@@ -21,10 +25,12 @@ from typing import Iterator, Sequence, Union
 
 import torch
 from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
 
 from data.dataset import load_pixel_values
 from data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, to_rgb
 from data.transforms import preprocess
+from models.encoders import ImagePreprocessing
 from models.internvl2 import InternVL2MultimodalModel
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
@@ -74,11 +80,26 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return torch.device(device)
 
 
+def cpu_threads_beside(num_workers: int) -> int:
+    """Torch threads for a CPU model with `num_workers` decoding processes beside it: the cores left, at least 1.
+
+    Torch's threads spin while they wait for one another, so more threads than free cores slow the
+    model down badly (on the project's 2-core machine, 2 threads next to busy cores ran a predict
+    over 200 photos in twice the time of 1 thread).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores - num_workers)
+
+
 class ReceiptCounter:
-    """A receipt counter ready for inference: eval mode, on one device, default question tokenized once.
+    """A receipt counter ready for inference: eval mode, frozen, on one device, default question tokenized once.
+
+    The model is frozen (no parameter requires grad: inference never trains it), which is what lets it
+    compute the LLM's states once per distinct question (`models.question_cache`): for the default
+    question the LLM runs once, on the first batch.
 
     Args:
-        model: the trained model; it is put in eval mode and moved to `device`.
+        model: the trained model; it is put in eval mode, frozen and moved to `device`.
         device: "auto", "cpu", "cuda" or a torch.device.
         max_image_pixels: image files above this many pixels are refused as decompression bombs.
     """
@@ -86,7 +107,7 @@ class ReceiptCounter:
     def __init__(self, model: InternVL2MultimodalModel, device: str | torch.device = "cpu",
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.device = resolve_device(device)
-        self.model = model.eval().to(self.device)
+        self.model = model.eval().requires_grad_(False).to(self.device)
         self.max_image_pixels = max_image_pixels
         # One tokenization of the default question, shared by every batch: identical ids for every row.
         self._default_ids, self._default_mask = model.tokenize([None], self.device)  # (1, T) each
@@ -105,7 +126,10 @@ class ReceiptCounter:
     @classmethod
     def from_model(cls, model: InternVL2MultimodalModel, device: str | torch.device = "cpu",
                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "ReceiptCounter":
-        """Wrap an in-memory model (e.g. at the end of training) without a round trip through disk."""
+        """Wrap an in-memory model (e.g. at the end of training) without a round trip through disk.
+
+        The model itself is put in eval mode and frozen (see the class docstring), not a copy of it.
+        """
         return cls(model, device, max_image_pixels)
 
     @property
@@ -118,41 +142,50 @@ class ReceiptCounter:
         return self.model.config.vision.encoder
 
     def predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 16,
-                questions: Sequence[str | None] | None = None) -> list[Prediction]:
+                questions: Sequence[str | None] | None = None, num_workers: int = 0) -> list[Prediction]:
         """Classify images; one `Prediction` per input, in input order.
 
         Args:
             images: a path, PIL image or tensor, or a sequence of them; a (B, 3, H, W) tensor is B inputs.
             batch_size: images per forward pass; it does not change the answers.
             questions: one question per image (None entries: the default question); None for all default.
+            num_workers: decoding worker processes (see `iter_predict`); they do not change the answers.
         """
-        return list(self.iter_predict(images, batch_size, questions))
+        return list(self.iter_predict(images, batch_size, questions, num_workers))
 
     def iter_predict(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 16,
-                     questions: Sequence[str | None] | None = None) -> Iterator[Prediction]:
-        """`predict`, yielding results batch by batch (for progress bars and streamed output)."""
+                     questions: Sequence[str | None] | None = None, num_workers: int = 0) -> Iterator[Prediction]:
+        """`predict`, yielding results batch by batch (for progress bars and streamed output).
+
+        Args:
+            num_workers: DataLoader worker processes that decode and preprocess the coming batches while
+                the model runs; 0 decodes in this process, between batches.
+        """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         items = _as_list(images)
         if questions is not None and len(questions) != len(items):
             raise ValueError(f"got {len(questions)} questions for {len(items)} images")
-        for start in range(0, len(items), batch_size):
-            chunk = items[start:start + batch_size]
+        inputs = InputImages(items, self.model.preprocessing, self.max_image_pixels)
+        loader = DataLoader(inputs, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            collate_fn=list)  # a batch stays a list: some of its items may be errors
+        for start, batch in zip(range(0, len(items), batch_size), loader):
             chunk_questions = None if questions is None else list(questions[start:start + batch_size])
-            yield from self._predict_batch(chunk, chunk_questions)
+            yield from self._predict_batch(batch, chunk_questions)
 
-    def _predict_batch(self, items: list[ImageInput], questions: list[str | None] | None) -> list[Prediction]:
-        """Decode every item (errors stay per item), run one forward pass over the good ones."""
-        loaded = [self._load(item) for item in items]
-        good = [i for i, (pixels, _) in enumerate(loaded) if pixels is not None]
-        results = [Prediction(image=_name(item), error=error) for item, (_, error) in zip(items, loaded)]
+    def _predict_batch(self, loaded: list[LoadedInput], questions: list[str | None] | None) -> list[Prediction]:
+        """One forward pass over the decoded items of a batch; the others keep their error."""
+        good = [i for i, item in enumerate(loaded) if item.pixels is not None]
+        results = [Prediction(image=item.name, error=item.error) for item in loaded]
         if not good:
             return results
-        pixels = torch.stack([loaded[i][0] for i in good]).to(self.device)  # (B, 3, H, W)
+        pixels = torch.stack([loaded[i].pixels for i in good]).to(self.device)  # (B, 3, H, W)
         probs = self._probabilities(pixels, None if questions is None else [questions[i] for i in good])
         for row, i in zip(probs.tolist(), good):
             k = max(range(len(row)), key=row.__getitem__)
-            results[i] = Prediction(image=_name(items[i]), label=self.class_names[k], class_index=k,
+            results[i] = Prediction(image=loaded[i].name, label=self.class_names[k], class_index=k,
                                     probabilities=dict(zip(self.class_names, row)))
         return results
 
@@ -167,28 +200,53 @@ class ReceiptCounter:
         logits = self.model(pixels, ids, mask).logits  # (B, num_classes)
         return logits.float().softmax(-1).cpu()
 
-    def _load(self, item: ImageInput) -> tuple[torch.Tensor | None, str | None]:
-        """One input -> ((3, H, W) tensor, None) or (None, reason)."""
-        try:
-            if isinstance(item, torch.Tensor):
-                return self._check_tensor(item), None
-            if isinstance(item, Image.Image):
-                # Same orientation and mode handling as files get in `open_image`.
-                return preprocess(to_rgb(ImageOps.exif_transpose(item)), self.model.preprocessing), None
-            if isinstance(item, (str, os.PathLike)):
-                return load_pixel_values(item, self.model.preprocessing, self.max_image_pixels), None
-            raise ValueError(f"unsupported input type {type(item).__name__} (expected a path, PIL image or tensor)")
-        except BadImageError as exc:
-            return None, exc.reason
-        except (ValueError, OSError, SyntaxError, KeyError, TypeError) as exc:  # incl. a broken EXIF block
-            return None, str(exc) or type(exc).__name__
 
-    def _check_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A preprocessed image must already have the model's (3, H, W) shape."""
-        expected = (3, *self.model.preprocessing.size)
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"tensor of shape {tuple(tensor.shape)} is not a preprocessed image of shape {expected}")
-        return tensor.float()
+@dataclass(frozen=True)
+class LoadedInput:
+    """One input after decoding: its name (path or None), pixels (3, H, W) or the reason there are none."""
+
+    name: str | None
+    pixels: torch.Tensor | None = None
+    error: str | None = None
+
+
+def load_input(item: ImageInput, preprocessing: ImagePreprocessing, max_image_pixels: int) -> LoadedInput:
+    """Decode and preprocess one input; every failure becomes the item's error, never an exception."""
+    name = _name(item)
+    try:
+        if isinstance(item, torch.Tensor):
+            return LoadedInput(name, _check_tensor(item, preprocessing))
+        if isinstance(item, Image.Image):
+            # Same orientation and mode handling as files get in `open_image`.
+            return LoadedInput(name, preprocess(to_rgb(ImageOps.exif_transpose(item)), preprocessing))
+        if isinstance(item, (str, os.PathLike)):
+            return LoadedInput(name, load_pixel_values(item, preprocessing, max_image_pixels))
+        raise ValueError(f"unsupported input type {type(item).__name__} (expected a path, PIL image or tensor)")
+    except BadImageError as exc:
+        return LoadedInput(name, error=exc.reason)
+    except (ValueError, OSError, SyntaxError, KeyError, TypeError) as exc:  # incl. a broken EXIF block
+        return LoadedInput(name, error=str(exc) or type(exc).__name__)
+
+
+class InputImages(Dataset):
+    """The inputs of one `iter_predict` call as a dataset: item i -> `load_input(items[i])`."""
+
+    def __init__(self, items: list[ImageInput], preprocessing: ImagePreprocessing, max_image_pixels: int) -> None:
+        self.items, self.preprocessing, self.max_image_pixels = items, preprocessing, max_image_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> LoadedInput:
+        return load_input(self.items[index], self.preprocessing, self.max_image_pixels)
+
+
+def _check_tensor(tensor: torch.Tensor, preprocessing: ImagePreprocessing) -> torch.Tensor:
+    """A preprocessed image must already have the model's (3, H, W) shape."""
+    expected = (3, *preprocessing.size)
+    if tuple(tensor.shape) != expected:
+        raise ValueError(f"tensor of shape {tuple(tensor.shape)} is not a preprocessed image of shape {expected}")
+    return tensor.float()
 
 
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:

@@ -5,6 +5,7 @@ Data flow (one forward pass):
     pixel_values (B, 3, H, W) -> VisionEncoder -> stage tokens [(B, N_i, C_i)]
         -> VisionProjector -> image tokens (B, N, D)
     question ids (B, T) -> Qwen2 LLM -> text states (B, T, D)
+        (while the LLM is frozen, once per distinct question: `models.question_cache`)
     text states (queries) x image tokens (keys/values) -> CrossAttentionFusion -> (B, T, D)
         -> masked mean pooling -> head -> logits (B, num_classes)
 """
@@ -35,6 +36,7 @@ from models.encoders import ImagePreprocessing, VisionEncoder, get_encoder_class
 from models.fusion import CrossAttentionFusion, TanhGate
 from models.language import load_tokenizer
 from models.projector import VisionProjector
+from models.question_cache import QuestionStateCache
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +63,12 @@ class InternVL2MultimodalModel(nn.Module):
         vision: the vision encoder adapter.
         language: the InternVL2 language model (Qwen2, without LM head); `hidden_size` sets D.
         tokenizer: its tokenizer.
+        question_cache_size: distinct questions whose LLM states are kept while the LLM is frozen
+            (`models.question_cache` states when they are reused and when dropped); 0 turns the cache off.
     """
 
     def __init__(self, config: ModelConfig, vision: VisionEncoder, language: PreTrainedModel,
-                 tokenizer: PreTrainedTokenizerBase) -> None:
+                 tokenizer: PreTrainedTokenizerBase, question_cache_size: int = 128) -> None:
         super().__init__()
         if len(config.class_names) != config.num_classes:
             raise ValueError(f"model.class_names has {len(config.class_names)} names for "
@@ -80,6 +84,9 @@ class InternVL2MultimodalModel(nn.Module):
         f = config.fusion
         self.fusion = CrossAttentionFusion(dim, f.num_blocks, f.num_heads, f.mlp_ratio, f.dropout)
         self.head = nn.Sequential(nn.LayerNorm(dim), nn.Dropout(config.head_dropout), nn.Linear(dim, config.num_classes))
+        self.question_cache = QuestionStateCache(question_cache_size) if question_cache_size else None
+        # Loaded LLM weights make cached states stale. A bound method, so a deepcopy clears its own cache.
+        language.register_load_state_dict_post_hook(self._forget_question_states)
 
     @property
     def class_names(self) -> list[str]:
@@ -127,13 +134,24 @@ class InternVL2MultimodalModel(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         image_tokens = self.encode_images(pixel_values)  # (B, N, D)
-        text = self.language(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        text = self.text_states(input_ids, attention_mask)  # (B, T, D)
         fused = self.fusion(text.to(image_tokens.dtype), image_tokens)  # (B, T, D)
         mask = attention_mask.unsqueeze(-1).to(fused.dtype)  # (B, T, 1)
         pooled = (fused * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, D)
         logits = self.head(pooled)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
         return ReceiptCounterOutput(loss=loss, logits=logits)
+
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) question tokens and mask -> the LLM's last hidden states (B, T, D), cached while it is frozen."""
+        if self.question_cache is None:
+            return self.language(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.question_cache.text_states(self.language, input_ids, attention_mask)
+
+    def _forget_question_states(self, module: nn.Module, incompatible_keys: Any) -> None:
+        """`load_state_dict` post-hook on the LLM: its weights may have changed."""
+        if self.question_cache is not None:
+            self.question_cache.clear()
 
     def parameter_groups(self) -> dict[str, list[nn.Module]]:
         """Named module sets for unfreezing: projector, fusion, fusion.gates, head, language.all, vision.<group>."""

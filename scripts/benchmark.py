@@ -106,6 +106,14 @@ def machine_info(threads: int) -> dict[str, Any]:
             "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
+def quiet_and_threaded(threads: int | None) -> None:
+    """What every benchmark does first: no transformers logging or progress bars; `threads` torch threads."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def parse_size(text: str) -> tuple[int, int]:
     """"448" -> (448, 448); "1344x448" -> (height 1344, width 448)."""
     parts = text.lower().split("x")
@@ -396,9 +404,7 @@ def run_models(names: list[str], args: argparse.Namespace, device: torch.device,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
+    quiet_and_threaded(args.threads)
     pin_malloc_to_mmap()
     device = torch.device(args.device)
     names, notes = select_encoders(args.encoders)

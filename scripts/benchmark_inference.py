@@ -12,6 +12,25 @@ normalising as well as the forward pass. One timed call = `predict(paths of one 
 call (per batch), images/s is images over total time. A warm-up pass runs first and is not timed.
 Prints a Markdown table. --threads sets torch's intra-op threads: on a shared, busy CPU one thread can
 be much faster than two (threads spin waiting for each other), so say which one a number used.
+
+    python scripts/benchmark_inference.py --decode [--photos 12] [--photo-size 4000x3000]
+                                          [--decode-sizes 224 448] [--rounds 3]
+
+--decode measures the data pipeline alone (no model): decode + EXIF + preprocessing of generated
+phone photos (a receipt scene scaled to --photo-size, with sensor-like noise, JPEG quality 90, every
+other one stored sideways with EXIF orientation 6), in images/s on one core, for each encoder input
+size: "full decode" is the pipeline as it was (`open_image` decodes every pixel, then `preprocess`
+shrinks), "draft decode" is `load_pixel_values` (JPEG DCT scaling to the smallest scale that covers
+the input). It also reports how far the two pipelines' tensors are apart. With --labels MANIFEST it
+instead classifies the manifest's images through both pipelines with one fixed random tiny model
+(the demo model of --encoder, its fusion gates opened so the pixels reach the head) and counts the
+labels that differ.
+
+    python scripts/benchmark_inference.py --stream [--stream-counts 1000 10000] [--workers 2]
+
+--stream runs `scripts/predict.py` (a separate process, --output JSONL) on folders of that many small
+generated JPEGs with the tiny demo model, sampling the resident memory of the predict process and
+of its DataLoader workers every 0.2 s: flat memory shows as the same peak at 1,000 and 10,000 images.
 """
 
 from __future__ import annotations
@@ -20,7 +39,9 @@ import argparse
 import os
 import platform
 import random
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,13 +50,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+
+from PIL import Image, ImageChops  # noqa: E402
 
 from config import load_config  # noqa: E402
+from data.dataset import load_pixel_values  # noqa: E402
+from data.images import open_image  # noqa: E402
+from data.manifest import load_records  # noqa: E402
 from data.synth.scene import render_scene  # noqa: E402
+from data.transforms import preprocess  # noqa: E402
 from models.build import build_model  # noqa: E402
+from models.encoders import ImagePreprocessing  # noqa: E402
 from models.inference import DEVICES, ReceiptCounter  # noqa: E402
+from models.internvl2 import InternVL2MultimodalModel  # noqa: E402
 from models.tiny import write_tiny_checkpoints  # noqa: E402
+from scripts.benchmark import markdown_table, parse_size, quiet_and_threaded  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_FOLDER = {"internvit": "internvl2", "swin": "swin", "swinv2": "swinv2", "swinv2_inhouse": "swinv2"}
@@ -59,6 +88,168 @@ def write_jpegs(folder: Path, count: int, side: int) -> list[Path]:
         paths.append(folder / f"scene_{i:04d}.jpg")
         image.save(paths[-1], quality=quality)
     return paths
+
+
+def write_photos(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
+    """`count` phone-photo-like JPEGs of `size` = (height, width): a receipt scene scaled up, plus noise.
+
+    Every other photo is stored sideways (width and height swapped) with EXIF orientation 6, as
+    phones store portrait shots, so the draft sizing of turned images is measured too.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    height, width = size
+    paths = []
+    for i in range(count):
+        scene, _ = render_scene(random.Random(i), 1000, i % 4)
+        turned = i % 2 == 1
+        stored = (height, width) if turned else (width, height)  # PIL sizes are (width, height)
+        photo = scene.resize(stored, Image.Resampling.BICUBIC)
+        noise = Image.effect_noise(stored, 12).convert("RGB")  # mean 128: shifts pixels by N(0, 12)
+        photo = ImageChops.add(photo, noise, scale=1.0, offset=-128)
+        exif = Image.Exif()
+        exif[0x0112] = 6 if turned else 1
+        paths.append(folder / f"photo_{i:03d}.jpg")
+        photo.save(paths[-1], quality=90, exif=exif)
+    return paths
+
+
+def full_decode(path: Path, preprocessing: ImagePreprocessing) -> torch.Tensor:
+    """The pipeline before draft decoding: every pixel decoded, then shrunk by `preprocess`."""
+    return preprocess(open_image(path), preprocessing)
+
+
+def decode_rate(load, paths: list[Path], preprocessing: ImagePreprocessing, rounds: int) -> float:
+    """Images/s of `load(path, preprocessing)` over `rounds` passes, after one untimed pass."""
+    for path in paths:
+        load(path, preprocessing)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for path in paths:
+            load(path, preprocessing)
+    return rounds * len(paths) / (time.perf_counter() - start)
+
+
+def decode_table(paths: list[Path], sides: list[int], rounds: int) -> str:
+    """Full vs draft decode + preprocessing, images/s, one row per encoder input side."""
+    rows = []
+    for side in sides:
+        preprocessing = ImagePreprocessing(size=(side, side), mean=(0.5,) * 3, std=(0.5,) * 3)
+        full = decode_rate(full_decode, paths, preprocessing, rounds)
+        fast = decode_rate(load_pixel_values, paths, preprocessing, rounds)
+        gaps = [(full_decode(p, preprocessing) - load_pixel_values(p, preprocessing)).abs() for p in paths]
+        drafted = open_image(paths[0], target_size=(side, side)).size
+        rows.append([f"{side}x{side}", f"{drafted[0]}x{drafted[1]}", f"{full:.2f}", f"{fast:.2f}",
+                     f"**{fast / full:.1f}x**", f"{sum(g.mean().item() for g in gaps) / len(gaps):.4f}",
+                     f"{max(g.max().item() for g in gaps):.3f}"])
+    headers = ["encoder input", "first photo decoded at (WxH)", "full decode img/s", "draft decode img/s",
+               "speed-up", "mean abs diff", "max abs diff"]
+    return markdown_table(headers, rows)
+
+
+def label_changes(manifest: str, encoder: str, work: Path, batch_size: int) -> str:
+    """Predicted labels of a manifest's images through the full and the draft decode, with one random model."""
+    model = InternVL2MultimodalModel.from_pretrained(export_demo_model(encoder, work))
+    with torch.no_grad():
+        for block in model.fusion.blocks:
+            block.attn_gate.alpha.fill_(1.0)
+            block.mlp_gate.alpha.fill_(1.0)
+    counter = ReceiptCounter.from_model(model)
+    paths = [r.path for r in load_records(manifest, counter.class_names)]
+    probs = {}
+    for name, load in (("full", full_decode), ("draft", load_pixel_values)):
+        pixels = [load(p, counter.model.preprocessing) for p in paths]
+        probs[name] = torch.tensor([list(p.probabilities.values()) for p in counter.predict(pixels, batch_size)])
+    # An untrained head gives every image the class of its bias; taking out the split's mean log-probability
+    # (the same offset for both pipelines) leaves labels that follow the pixels, so a change can show.
+    prior = probs["full"].log().mean(0)
+    labels = {name: (p.log() - prior).argmax(1) for name, p in probs.items()}
+    changed = int((labels["full"] != labels["draft"]).sum())
+    spread = torch.bincount(labels["full"], minlength=len(counter.class_names)).tolist()
+    with Image.open(paths[0]) as first:
+        side = f"{first.width}x{first.height}"
+    return (f"{manifest}: {len(paths)} images ({side} px) -> {counter.model.preprocessing.size}; labels changed by "
+            f"the draft decode: {changed} of {len(paths)} (full-decode labels per class {spread}); max |probability "
+            f"change| {(probs['full'] - probs['draft']).abs().max():.2e}")
+
+
+def decode_main(args: argparse.Namespace, work: Path) -> None:
+    if args.labels:
+        print(label_changes(args.labels, args.encoder, work, max(args.batch_sizes)))
+        return
+    paths = write_photos(work / "photos", args.photos, args.photo_size)
+    megabytes = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
+    print(f"{args.photos} JPEG photos of {args.photo_size[1]}x{args.photo_size[0]} px ({megabytes:.1f} MB each, "
+          f"half stored sideways with EXIF orientation 6); decode + EXIF + pad-resize + normalise, one process, "
+          f"{args.rounds} timed passes; {platform.processor() or platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.1f}\n")
+    print(decode_table(paths, args.decode_sizes, args.rounds), flush=True)
+    print("\ndiffs: between the two pipelines' normalised tensors (mean/std 0.5: values span [-1, 1]), "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def write_small_jpegs(folder: Path, count: int, side: int = 96) -> None:
+    """`count` quick, distinct side x side JPEGs (a flat colour and a block), for folder-scale runs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    for i in range(count):
+        image = Image.new("RGB", (side, side), tuple(rng.randrange(256) for _ in range(3)))
+        x, y = rng.randrange(side // 2), rng.randrange(side // 2)
+        image.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + side // 2, y + side // 2))
+        image.save(folder / f"img_{i:05d}.jpg", quality=85)
+
+
+def _rss_mib(pid: int) -> float:
+    """Resident memory of one process, MiB (0 once it has gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def stream_row(export: Path, folder: Path, count: int, workers: int, batch_size: int, work: Path) -> list[str]:
+    """Run predict.py on `folder`, sampling its memory; one table row."""
+    command = [sys.executable, str(ROOT / "scripts" / "predict.py"), "--checkpoint", str(export), "--device", "cpu",
+               "--batch-size", str(batch_size), "--workers", str(workers), "--output", str(work / "rows.jsonl"),
+               str(folder)]
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    main_rss, worker_rss = [], []
+    while process.poll() is None:
+        main_rss.append(_rss_mib(process.pid))
+        worker_rss.append(sum(_rss_mib(c) for c in _children(process.pid)))
+        time.sleep(0.2)
+    wall = time.perf_counter() - start
+    rows = (work / "rows.jsonl").read_text().count("\n")
+    half = len(main_rss) // 2
+    return [f"{count:,}", f"{rows:,}", str(process.returncode), f"{wall:.1f}", f"{count / wall:.1f}",
+            f"{main_rss[half]:.0f}", f"{max(main_rss):.0f}", f"{worker_rss[half]:.0f}", f"{max(worker_rss):.0f}"]
+
+
+def stream_main(args: argparse.Namespace, work: Path) -> None:
+    export = args.checkpoint or export_demo_model(args.encoder, work)
+    rows = []
+    for count in args.stream_counts:
+        folder = work / f"folder_{count}"
+        write_small_jpegs(folder, count)
+        rows.append(stream_row(export, folder, count, args.workers, max(args.batch_sizes), work))
+        shutil.rmtree(folder)
+        print(f"  {count} images done", file=sys.stderr, flush=True)
+    print(f"scripts/predict.py --workers {args.workers} --batch-size {max(args.batch_sizes)} --output rows.jsonl "
+          f"FOLDER on 96x96 JPEGs, {'--checkpoint ' + str(args.checkpoint) if args.checkpoint else 'tiny demo model'}"
+          f"; memory sampled every 0.2 s; load average {os.getloadavg()[0]:.1f}\n")
+    headers = ["images", "rows written", "exit", "wall s (with start-up)", "images/s", "predict RSS at half-time (MiB)",
+               "predict peak RSS (MiB)", "workers RSS at half-time, summed (MiB)", "workers peak RSS, summed (MiB)"]
+    print(markdown_table(headers, rows))
 
 
 def time_calls(counter: ReceiptCounter, paths: list[Path], batch_size: int, rounds: int) -> list[float]:
@@ -96,17 +287,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--image-side", type=int, default=448, help="side of the synthetic JPEGs, px")
     parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--decode", action="store_true", help="measure decode + preprocessing only (no model)")
+    parser.add_argument("--photos", type=int, default=12, help="--decode: generated photos")
+    parser.add_argument("--photo-size", type=parse_size, default=(3000, 4000),
+                        help="--decode: photo HxW as stored upright (default 3000x4000, a 12 MP landscape)")
+    parser.add_argument("--decode-sizes", type=int, nargs="+", default=[224, 448], help="--decode: encoder input sides")
+    parser.add_argument("--labels", help="--decode: a manifest whose labels to compare between the two decodes")
+    parser.add_argument("--stream", action="store_true", help="measure predict.py's memory on large folders")
+    parser.add_argument("--stream-counts", type=int, nargs="+", default=[1000, 10000], help="--stream: folder sizes")
+    parser.add_argument("--workers", type=int, default=2, help="--stream: predict.py --workers")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    quiet_and_threaded(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        if args.decode:
+            decode_main(args, work)
+            return 0
+        if args.stream:
+            stream_main(args, work)
+            return 0
         folder = args.checkpoint or export_demo_model(args.encoder, work)
         counter = ReceiptCounter.from_pretrained(folder, device=args.device)
         paths = write_jpegs(work / "jpegs", args.images, args.image_side)

@@ -1,7 +1,7 @@
 """Classify images by receipt count with an exported model folder.
 
     python scripts/predict.py --checkpoint runs/demo/final [--batch-size 16] [--output preds.jsonl|.csv]
-                              [--device auto] PATH ...
+                              [--device auto] [--workers 2] PATH ...
 
 PATH may be an image file, a folder (searched recursively for image files, in sorted order) or a
 glob ("scans/**/*.jpg"). Exactly one row is written per image, in input order:
@@ -10,8 +10,11 @@ or, for an input that could not be classified (missing, empty, corrupt, not an i
 folder without images, a glob matching nothing):
     {"image": PATH, "error": "why"}
 Rows go to --output (.jsonl, or .csv with one prob_<class> column per class) or, without it, to
-stdout as JSONL. A progress bar goes to stderr. Exit status: 0 when every input was classified,
-1 when any failed, 2 for a usage error or a checkpoint that cannot be loaded.
+stdout as JSONL, each written (and flushed) as soon as its batch is classified. Images are decoded in
+--workers DataLoader processes while the model runs, a few batches ahead, so memory stays flat however
+many images there are; on the CPU the model then gets the cores the workers leave (at least one
+torch thread). A progress bar with images/s goes to stderr. Exit status: 0 when every input
+was classified, 1 when any failed, 2 for a usage error or a checkpoint that cannot be loaded.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from typing import IO, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from data.manifest import IMAGE_EXTENSIONS  # noqa: E402
-from models.inference import DEVICES, Prediction, ReceiptCounter  # noqa: E402
+from models.inference import DEVICES, Prediction, ReceiptCounter, cpu_threads_beside  # noqa: E402
 
 GLOB_CHARS = set("*?[")
 OUTPUT_FORMATS = (".jsonl", ".csv")
@@ -68,10 +72,11 @@ def _folder_images(folder: Path, shown: str) -> list[tuple[str, str | None]]:
     return [(str(p), None) for p in images]
 
 
-def classify(counter: ReceiptCounter, inputs: list[tuple[str, str | None]], batch_size: int) -> Iterator[Prediction]:
+def classify(counter: ReceiptCounter, inputs: list[tuple[str, str | None]], batch_size: int,
+             num_workers: int = 0) -> Iterator[Prediction]:
     """Predictions in input order; inputs already known to be bad are passed through as error rows."""
     todo = [path for path, error in inputs if error is None]
-    predictions = counter.iter_predict(todo, batch_size=batch_size)
+    predictions = counter.iter_predict(todo, batch_size=batch_size, num_workers=num_workers)
     for path, error in inputs:
         yield Prediction(image=path, error=error) if error is not None else next(predictions)
 
@@ -104,11 +109,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--output", type=Path, help="rows to FILE.jsonl or FILE.csv (default: JSONL on stdout)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when available")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="decoding processes running ahead of the model (default 2; 0: decode in between batches)")
     args = parser.parse_args(argv)
     if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
         parser.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {args.output}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     return args
 
 
@@ -121,13 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: cannot load checkpoint: {exc}", file=sys.stderr)
         return 2
+    if counter.device.type == "cpu" and args.workers:
+        torch.set_num_threads(cpu_threads_beside(args.workers))  # the workers' cores are not the model's
     inputs = expand_inputs(args.paths)
     failed = 0
     stream = args.output.open("w", newline="", encoding="utf-8") if args.output else sys.stdout
     try:
         writer = RowWriter(stream, args.output.suffix.lower() if args.output else ".jsonl", counter.class_names)
         with tqdm(total=len(inputs), unit="img", file=sys.stderr, desc="classifying") as bar:
-            for prediction in classify(counter, inputs, args.batch_size):
+            for prediction in classify(counter, inputs, args.batch_size, args.workers):
                 writer.write(prediction)
                 failed += not prediction.ok
                 bar.update(1)

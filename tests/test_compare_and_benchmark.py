@@ -260,3 +260,39 @@ def test_swinv2_backend_table_runs_each_backend_and_matches_the_eager_output() -
         assert float(ms) > 0 and speedup.endswith("x")
         assert float(diff) <= 1e-4, (name, diff)
     assert float(by_name[("train", "in-house, SDPA math")][2]) > 0
+
+
+# ---------------------------------------------------------------------------- full-size benchmark
+fullsize = load_script("benchmark_fullsize")
+
+
+def _table_rows(text: str, first_cell: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(f"| {first_cell}")]
+
+
+def test_fullsize_benchmark_runs_at_tiny_shapes(capsys: pytest.CaptureFixture) -> None:
+    assert fullsize.main(["--shape", "tiny", "--batch-sizes", "1", "2", "--image-size", "56", "--repeats", "2",
+                          "--flop-shapes", "tiny", "tiny-llama"]) == 0
+    out = capsys.readouterr().out
+    timed = {(r[0], r[1], r[2]): r for r in _table_rows(out, "ours") + _table_rows(out, "InternVL-native")}
+    assert len(timed) == 4 * 2  # (a), (b), (b) without the cache, (c), at two batch sizes
+    for batch in ("1", "2"):
+        assert timed[("ours", "internvit", batch)][5] == timed[("ours", "swin", batch)][5] == "0"  # cached
+        assert timed[("ours, no cache", "swin", batch)][5] == timed[("InternVL-native", "internvit", batch)][5] == "2"
+        assert timed[("InternVL-native", "internvit", batch)][7] == "**1.00x**"
+    flops = _table_rows(out, "tiny")
+    assert [r[:2] for r in flops] == [[s, w] for s in ("tiny", "tiny-llama")
+                                      for w in ("ours (internvit)", "ours (swin)", "InternVL-native")]
+
+
+def test_fullsize_flops_on_the_meta_device_equal_flops_on_real_tensors() -> None:
+    shapes, size = fullsize.SHAPES["tiny"], (56, 56)
+    for encoder in ("internvit", "swin"):
+        assert fullsize.counter_flops(shapes, encoder, size, torch.device("meta")) == \
+            fullsize.counter_flops(shapes, encoder, size, torch.device("cpu"))
+    meta = fullsize.native_flops(shapes, size, 24, torch.device("meta"))
+    assert meta == fullsize.native_flops(shapes, size, 24, torch.device("cpu"))
+    ours = fullsize.counter_flops(shapes, "internvit", size, torch.device("meta"))
+    assert meta[0] == ours[0]  # the same ViT and projector shapes
+    assert meta[1] > 2 * ours[1]  # the native LLM reads 4 image + 24 text tokens, ours the 8-token question

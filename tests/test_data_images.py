@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_image, to_rgb
+from data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, fitted_size, open_image, to_rgb
+from data.transforms import resize_image, to_tensor
 
 
 def _noise_image(size: tuple[int, int], seed: int = 0) -> Image.Image:
@@ -141,3 +142,62 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     blue_bottom = upright.getpixel((10, 35))
     assert red_top[0] > 200 and red_top[2] < 60
     assert blue_bottom[2] > 200 and blue_bottom[0] < 60
+
+
+# ------------------------------------------------------------------------------------ fast decode
+def _photo(tmp_path: Path, size: tuple[int, int], orientation: int = 1, name: str = "photo.jpg") -> Path:
+    """A JPEG of `size` = (width, height) as stored: four coloured quadrants, so turns and crops show."""
+    width, height = size
+    image = Image.new("RGB", size, (230, 30, 30))
+    image.paste((30, 30, 230), (width // 2, 0, width, height // 2))
+    image.paste((30, 200, 30), (0, height // 2, width // 2, height))
+    image.paste((240, 240, 240), (width // 2, height // 2, width, height))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / name
+    image.save(path, exif=exif, quality=92)
+    return path
+
+
+def test_a_large_jpeg_decodes_at_the_smallest_scale_that_covers_the_target(tmp_path: Path) -> None:
+    path = _photo(tmp_path, (1800, 1200))
+    assert open_image(path).size == (1800, 1200)  # no target: full size, as before
+    # pad into 224 x 224 needs 224 x 149 of it: 1/8 (225 x 150) covers that
+    assert open_image(path, target_size=(224, 224)).size == (225, 150)
+    assert fitted_size((1200, 1800), (224, 224)) == (149, 224)
+    # stretching into 224 x 224 needs both sides >= 224: 1/4 (450 x 300), 1/8 would give 150 rows
+    assert open_image(path, target_size=(224, 224), resize="resize").size == (450, 300)
+    # a target larger than half the image: no reduction
+    assert open_image(path, target_size=(700, 1000)).size == (1800, 1200)
+
+
+def test_draft_sizes_follow_the_exif_orientation(tmp_path: Path) -> None:
+    # stored 1800 x 1200, orientation 6: upright it is 1200 wide and 1800 tall. Fitted into 448 x 224
+    # (height x width) it needs 224 x 336 upright: 1/4 (300 x 450). Sizing the draft on the stored
+    # orientation would pick 1/8 (150 x 225 upright), narrower than the 224 columns the target needs.
+    path = _photo(tmp_path, (1800, 1200), orientation=6)
+    upright = open_image(path, target_size=(448, 224))
+    assert upright.size == (300, 450)
+    full = open_image(path).resize(upright.size, Image.Resampling.BOX)
+    assert full.size == (300, 450) and open_image(path).size == (1200, 1800)
+    for xy in [(75, 110), (225, 110), (75, 340), (225, 340)]:  # quadrant centres land in the same places
+        assert max(abs(a - b) for a, b in zip(upright.getpixel(xy), full.getpixel(xy))) < 12, xy
+
+
+def test_drafted_pixels_match_a_full_decode_after_preprocessing(tmp_path: Path) -> None:
+    path = tmp_path / "noisy.jpg"
+    Image.effect_noise((1600, 1200), 40).convert("RGB").resize((1600, 1200)).save(path, quality=90)
+    _photo(tmp_path, (1600, 1200), name="blocks.jpg")
+    for name in ("noisy.jpg", "blocks.jpg"):
+        full = to_tensor(resize_image(open_image(tmp_path / name), (224, 224)), (0.5,) * 3, (0.5,) * 3)
+        fast = to_tensor(resize_image(open_image(tmp_path / name, target_size=(224, 224)), (224, 224)),
+                         (0.5,) * 3, (0.5,) * 3)
+        assert fast.shape == full.shape == (3, 224, 224)
+        assert (fast - full).abs().mean() < 0.03, name  # values span [-1, 1]
+
+
+def test_png_and_small_jpegs_are_decoded_as_before(tmp_path: Path) -> None:
+    _noise_image((900, 900)).save(tmp_path / "big.png")
+    small = _photo(tmp_path, (300, 200))
+    assert open_image(tmp_path / "big.png", target_size=(224, 224)).size == (900, 900)
+    assert open_image(small, target_size=(224, 224)).tobytes() == open_image(small).tobytes()

@@ -14,7 +14,7 @@ import models.internvl2 as internvl2
 import models.language as language
 from data.dataset import load_pixel_values
 from models.build import build_model
-from models.inference import ReceiptCounter, resolve_device
+from models.inference import ReceiptCounter, cpu_threads_beside, resolve_device
 from tests.conftest import make_config
 
 
@@ -217,6 +217,8 @@ def test_remote_code_stays_off(export, monkeypatch):
 
 
 def test_device_and_batch_size_are_checked(counter):
+    with pytest.raises(ValueError, match="num_workers"):
+        counter.predict([], num_workers=-1)
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto").type in ("cpu", "cuda")
     with pytest.raises(ValueError, match="device must be one of"):
@@ -224,3 +226,26 @@ def test_device_and_batch_size_are_checked(counter):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         counter.predict([], batch_size=0)
     assert counter.predict([]) == []
+
+
+def test_worker_processes_give_the_same_rows_in_input_order(counter, files, tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    inputs = [files[0], tmp_path / "empty.jpg", *files[1:], torch.zeros(3, 10, 10), files[2], tmp_path / "gone.png"]
+    here = counter.predict(inputs, batch_size=3)
+    workers = counter.predict(inputs, batch_size=3, num_workers=2)
+    assert [p.to_row() for p in workers] == [p.to_row() for p in here]
+    assert [p.image for p in workers] == [str(i) if isinstance(i, Path) else None for i in inputs]
+    assert [p.ok for p in workers].count(False) == 3
+
+
+def test_results_stream_before_later_inputs_are_decoded(counter, files, tmp_path):
+    late = tmp_path / "late.png"  # does not exist when prediction starts
+    stream = counter.iter_predict([files[0], files[1], late], batch_size=2)
+    first = [next(stream), next(stream)]
+    draw_image(64, 64, seed=9).save(late)  # written after the first batch came back
+    assert all(p.ok for p in first) and next(stream).ok and next(stream, None) is None
+
+
+def test_the_model_gets_the_cores_the_workers_leave():
+    cores = cpu_threads_beside(0)
+    assert cores >= 1 and cpu_threads_beside(1) == max(1, cores - 1) and cpu_threads_beside(cores + 5) == 1

@@ -106,6 +106,14 @@ def test_jsonl_and_csv_files_hold_the_same_answers_and_exit_0(export, tree, tmp_
             assert abs(float(t[f"prob_{name}"]) - p) < 1e-5  # batch 16 (JSONL) vs batch 1 (CSV)
 
 
+def test_worker_processes_change_nothing_but_speed_and_the_bar_shows_images_per_second(export, tree, capsys):
+    inputs = [str(tree / "bad"), str(tree / "scans"), str(tree / "a.jpg"), str(tree / "missing.jpg")]
+    code0, rows0, _ = run_main(["--checkpoint", str(export), "--batch-size", "2", "--workers", "0", *inputs], capsys)
+    code2, rows2, err = run_main(["--checkpoint", str(export), "--batch-size", "2", "--workers", "2", *inputs], capsys)
+    assert code0 == code2 == 1 and rows0 == rows2 and len(rows2) == 6
+    assert "img/s" in err
+
+
 def test_csv_error_rows(export, tree, tmp_path):
     assert predict.main(["--checkpoint", str(export), "--output", str(tmp_path / "p.csv"),
                          str(tree / "missing.jpg")]) == 1
@@ -120,6 +128,9 @@ def test_usage_and_checkpoint_errors(export, tree, tmp_path, capsys):
     assert exc.value.code == 2 and "--output must end in .jsonl or .csv" in capsys.readouterr().err
     assert predict.main(["--checkpoint", str(tmp_path / "nowhere"), str(tree / "a.jpg")]) == 2
     assert "config.json is missing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        predict.main(["--checkpoint", str(export), "--workers", "-1", str(tree / "a.jpg")])
+    assert "--workers must be >= 0" in capsys.readouterr().err
 
 
 def test_command_line_run(export, tree):
