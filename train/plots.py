@@ -18,11 +18,13 @@ MARGIN_LEFT, MARGIN_RIGHT, MARGIN_TOP, MARGIN_BOTTOM = 96, 24, 70, 48
 
 @dataclass
 class Series:
-    """One line: points (step, value) in step order; `markers` draws a dot at every point."""
+    """One line: points (step, value) in step order; `markers` draws a dot at every point, `dashed` a dashed
+    line with square markers (so two series that nearly coincide both stay visible)."""
 
     label: str
     points: list[tuple[float, float]]
     markers: bool = False
+    dashed: bool = False
 
 
 @dataclass
@@ -90,12 +92,35 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: Panel, box: tuple[int, int, in
     _draw_boundaries(draw, boundaries, to_px, (top, bottom), y_range, small)
     for colour, series in zip(_cycle(len(panel.series)), panel.series):
         pts = [to_px(x, min(max(y, y_range[0]), y_range[1])) for x, y in series.points]
-        if len(pts) > 1:
-            draw.line(pts, fill=colour, width=2)
+        _draw_line(draw, pts, colour, series.dashed)
         for px, py in pts if series.markers or len(pts) == 1 else []:
-            draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=colour)
+            _draw_marker(draw, (px, py), colour, square=series.dashed)
     draw.rectangle(box, outline="black")
     _draw_legend(draw, panel, (left, top - 18), font)
+
+
+def _draw_line(draw: ImageDraw.ImageDraw, pts: list[tuple[float, float]], colour: tuple[int, int, int],
+               dashed: bool) -> None:
+    if len(pts) < 2:
+        return
+    if not dashed:
+        draw.line(pts, fill=colour, width=2)
+        return
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):  # 8 px on, 6 px off along each segment
+        length = math.hypot(x1 - x0, y1 - y0)
+        for start in range(0, max(int(length), 1), 14):
+            a, b = start / max(length, 1e-9), min(start + 8, length) / max(length, 1e-9)
+            draw.line((x0 + (x1 - x0) * a, y0 + (y1 - y0) * a, x0 + (x1 - x0) * b, y0 + (y1 - y0) * b),
+                      fill=colour, width=2)
+
+
+def _draw_marker(draw: ImageDraw.ImageDraw, centre: tuple[float, float], colour: tuple[int, int, int],
+                 square: bool) -> None:
+    px, py = centre
+    if square:
+        draw.rectangle((px - 3, py - 3, px + 3, py + 3), fill="white", outline=colour, width=2)
+    else:
+        draw.ellipse((px - 4, py - 4, px + 4, py + 4), fill=colour)
 
 
 def _y_range(panel: Panel) -> tuple[float, float]:
@@ -126,9 +151,9 @@ def _draw_legend(draw: ImageDraw.ImageDraw, panel: Panel, start: tuple[int, int]
     """A one-line legend above the panel, outside the plotted area: a colour swatch and each series' label."""
     x, y = start
     for colour, series in zip(_cycle(len(panel.series)), panel.series):
-        draw.line((x, y, x + 22, y), fill=colour, width=3)
+        _draw_line(draw, [(x, y), (x + 22, y)], colour, series.dashed)
         if series.markers:
-            draw.ellipse((x + 7, y - 4, x + 15, y + 4), fill=colour)
+            _draw_marker(draw, (x + 11, y), colour, square=series.dashed)
         draw.text((x + 28, y), series.label, fill="black", font=font, anchor="lm")
         x += 28 + draw.textlength(series.label, font=font) + 30
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -85,9 +86,12 @@ def draw_curves(steps: list[dict], epochs: list[dict]) -> Image.Image:
     if with_val:
         best = max(with_val, key=lambda r: r["val_macro_f1"])
         title += f" (best macro-F1 {best['val_macro_f1']:.3f} at step {best['global_step']})"
+    values = [r[k] for r in with_val for k in ("val_accuracy", "val_macro_f1")]
+    low = max(0.0, math.floor((min(values, default=0.0) - 0.02) * 10) / 10)  # room below, up to 1.0 above
     scores = Panel(title, "score", [
-        Series("accuracy", [(r["global_step"], r["val_accuracy"]) for r in with_val], True),
-        Series("macro-F1", [(r["global_step"], r["val_macro_f1"]) for r in with_val], True)], y_range=(0.0, 1.0))
+        Series("accuracy", [(r["global_step"], r["val_accuracy"]) for r in with_val], markers=True),
+        Series("macro-F1", [(r["global_step"], r["val_macro_f1"]) for r in with_val], markers=True, dashed=True)],
+        y_range=(low, 1.0))
     return line_chart([loss, scores], stage_boundaries(steps, epochs))
 
 
