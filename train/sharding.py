@@ -18,6 +18,7 @@ the main process (`unsharded_copy`), never from the shards a process holds.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -29,11 +30,10 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from config.schema import StageConfig
+from config.schema import StageConfig, TrainConfig
 from models.internvl2 import InternVL2MultimodalModel
 from train.lora import inject_planned
 
-SHARDING_CHOICES = ("fsdp2",)  # values of train.sharding besides null
 SHARDED_STATE = "sharded"  # a checkpoint's folder of model and optimizer shards (torch.distributed.checkpoint)
 # The layers each get their own FSDP unit: the LLM's decoder layer and every encoder's block. The accelerate
 # FSDP configs list the same classes (tests/test_accelerate_configs.py checks both against every encoder).
@@ -43,6 +43,24 @@ SHARDED_LAYERS = ("Qwen2DecoderLayer", "InternVLVisionLayer", "SwinLayer", "Swin
 def accelerate_shards(accelerator: Accelerator) -> bool:
     """accelerate's config shards the model (FSDP 1 or 2, DeepSpeed): accelerate wraps, saves and gathers it."""
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def sharding_function(train: TrainConfig, accelerator: Accelerator) -> Callable[[nn.Module], nn.Module] | None:
+    """`fsdp2_shard` when `train.sharding: fsdp2` asks the trainer to shard, else None (accelerate decides).
+
+    Raises:
+        ValueError: accelerate's config shards already, or mixed precision is asked for (the trainer's FSDP2
+            trains in float32; config/accelerate/fsdp2.yaml gives mixed precision on GPUs).
+    """
+    if train.sharding is None:
+        return None
+    if accelerate_shards(accelerator):
+        raise ValueError(f"train.sharding: {train.sharding} while accelerate's config already shards the model "
+                         f"({accelerator.distributed_type.value}): use one of them")
+    if train.mixed_precision != "no":
+        raise ValueError(f"train.sharding: {train.sharding} trains in float32: set train.mixed_precision: no, "
+                         f"or use config/accelerate/fsdp2.yaml for mixed precision on GPUs")
+    return fsdp2_shard
 
 
 def fsdp2_shard(model: nn.Module) -> nn.Module:
