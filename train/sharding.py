@@ -101,7 +101,7 @@ def unsharded_copy(model: InternVL2MultimodalModel, state: dict[str, torch.Tenso
     """A plain model on the CPU with the architecture of `model` (LoRA included) and the weights `state`.
 
     The structure is built on the meta device from `model.export_config()` and its LoRA adapters; the
-    gathered tensors are then assigned to it (cast to the dtype the model declares: DeepSpeed ZeRO-3 gathers
+    gathered tensors are then copied into it (cast to the dtype the model declares: DeepSpeed ZeRO-3 gathers
     16-bit weights). Buffers outside the state dict stay on the meta device: the copy is for saving.
 
     Args:
@@ -113,7 +113,8 @@ def unsharded_copy(model: InternVL2MultimodalModel, state: dict[str, torch.Tenso
         copy = InternVL2MultimodalModel.from_export_config(model.export_config(), model.tokenizer)
         inject_planned(copy, lora)
     dtypes = {k: v.dtype for k, v in copy.state_dict().items()}
-    copy.load_state_dict({k: v.to(dtypes[k]) if k in dtypes else v for k, v in state.items()}, strict=True,
+    # A copy of each tensor: gathered ones can be views of one all-gather buffer, which safetensors refuses.
+    copy.load_state_dict({k: v.to(dtypes.get(k, v.dtype), copy=True) for k, v in state.items()}, strict=True,
                          assign=True)
     return copy
 
