@@ -27,7 +27,6 @@ from train.trainability import apply_stage, resolve_groups
 from tests.conftest import TWO_PROCESSES, RunsCode, make_config, run_args, train_subprocess
 
 
-
 def test_full_run_writes_manifests_metrics_and_exports(tiny_checkpoints, receipts, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(run_args(tiny_checkpoints, receipts, out)) == 0
