@@ -121,6 +121,10 @@ class TrainConfig:
     # experiment trackers, through accelerate: none, tensorboard, wandb, mlflow, trackio (or any other
     # tracker accelerate supports); each needs its package (`pip install -e .[tensorboard]`, ...)
     report_to: list[str] = field(default_factory=lambda: ["none"])
+    # fsdp2: the trainer shards the model with torch's FSDP2 (`fully_shard`) where accelerate does not shard,
+    # i.e. several CPU processes (`accelerate launch --multi_gpu` without GPUs); on GPUs use
+    # config/accelerate/fsdp2.yaml instead. null: accelerate's config decides (docs/training.md).
+    sharding: Literal["fsdp2"] | None = None
 
 
 @dataclass

@@ -177,7 +177,7 @@ class InternVL2MultimodalModel(nn.Module):
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            (tmp / CONFIG_NAME).write_text(json.dumps(self._export_config(), indent=2))
+            (tmp / CONFIG_NAME).write_text(json.dumps(self.export_config(), indent=2))
             (tmp / CARD_NAME).write_text(card if card is not None else model_card(self), encoding="utf-8")
             safetensors.torch.save_model(self, str(tmp / WEIGHTS_NAME))
             self.tokenizer.save_pretrained(tmp)
@@ -187,11 +187,26 @@ class InternVL2MultimodalModel(nn.Module):
             raise
         return target
 
-    def _export_config(self) -> dict[str, Any]:
+    def export_config(self) -> dict[str, Any]:
+        """What config.json of an export holds: enough to rebuild the architecture (`from_export_config`)."""
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "encoder": self.vision.name,
                 "model": to_dict(self.config), "vision_backbone_config": self.vision.hf_config_dict(),
                 "text_config": self.language.config.to_dict(), "preprocessing": self.preprocessing.to_dict(),
                 "class_names": self.class_names}
+
+    @classmethod
+    def from_export_config(cls, exported: dict[str, Any], tokenizer: PreTrainedTokenizerBase
+                           ) -> "InternVL2MultimodalModel":
+        """The architecture `exported` (an `export_config()`) describes, with freshly initialised weights.
+
+        Build it under `torch.device("meta")` to get the structure without allocating weights.
+        """
+        config = from_dict(ModelConfig, exported["model"], prefix="model")
+        vision = get_encoder_class(exported["encoder"]).from_config_dict(
+            exported["vision_backbone_config"], ImagePreprocessing.from_dict(exported["preprocessing"]))
+        text = dict(exported["text_config"])
+        language = AutoModel.from_config(AutoConfig.for_model(text.pop("model_type"), **text))
+        return cls(config, vision, language, tokenizer)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> "InternVL2MultimodalModel":
@@ -202,13 +217,7 @@ class InternVL2MultimodalModel(nn.Module):
             ValueError: the folder is not a receipt-counter export or its weights do not match.
         """
         folder = Path(folder)
-        exported = read_export_config(folder)
-        config = from_dict(ModelConfig, exported["model"], prefix="model")
-        vision = get_encoder_class(exported["encoder"]).from_config_dict(
-            exported["vision_backbone_config"], ImagePreprocessing.from_dict(exported["preprocessing"]))
-        text = dict(exported["text_config"])
-        language = AutoModel.from_config(AutoConfig.for_model(text.pop("model_type"), **text))
-        model = cls(config, vision, language, load_tokenizer(str(folder)))
+        model = cls.from_export_config(read_export_config(folder), load_tokenizer(str(folder)))
         try:
             safetensors.torch.load_model(model, str(folder / WEIGHTS_NAME), strict=True)
         except RuntimeError as e:

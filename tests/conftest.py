@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,25 @@ def run_args(tiny: dict[str, Path], receipts: Path, out: Path, *extra: str) -> l
             "data.batch_size=4", "data.eval_batch_size=4", f"output_dir={out}",
             "train.stages.0.epochs=1", "train.stages.1.epochs=1", "train.stages.2.epochs=1", *extra]
     return ["--config", str(REPO / "config" / "base.yaml")] + [a for s in sets for a in ("--set", s)]
+
+
+class RunsCode:
+    """Unpickling this writes a file: what a tampered checkpoint would do on a plain torch.load or pickle.load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
+
+
+# Two gloo processes on this CPU machine, as `accelerate launch --multi_gpu` starts them.
+TWO_PROCESSES = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
+def train_subprocess(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
+    """`python -m train ARGS` (or under `launcher`) from the repository, one thread per process."""
+    command = (launcher or [sys.executable]) + ["-m", "train"] + args
+    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})

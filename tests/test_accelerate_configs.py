@@ -12,13 +12,22 @@ from accelerate.utils import DistributedType, PrecisionType
 from models.build import build_model
 from models.encoders import encoder_names
 from tests.conftest import make_config
+from train.sharding import SHARDED_LAYERS
 
 CONFIGS = sorted((Path(__file__).parents[1] / "config" / "accelerate").glob("*.yaml"))
 
 
 def test_there_are_configs_for_each_setup():
-    assert {p.name for p in CONFIGS} >= {"single_gpu_bf16.yaml", "multi_gpu_ddp.yaml", "fsdp.yaml",
+    assert {p.name for p in CONFIGS} >= {"single_gpu_bf16.yaml", "multi_gpu_ddp.yaml", "fsdp.yaml", "fsdp2.yaml",
                                          "deepspeed_zero2.yaml"}
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "fsdp" in p.name], ids=lambda p: p.name)
+def test_fsdp_configs_wrap_the_layers_the_trainer_shards(path: Path):
+    """accelerate's FSDP units are the ones `train.sharding: fsdp2` makes, so the CPU tests shard alike."""
+    fsdp = load_config_from_file(str(path)).fsdp_config
+    assert tuple(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")) == SHARDED_LAYERS
+    assert fsdp["fsdp_version"] == (2 if path.name == "fsdp2.yaml" else 1)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -6,8 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,9 +24,7 @@ from train.lora import has_lora, inject_lora, lora_groups, merge_lora
 from train.run import main
 from train.loop import Trainer
 from train.trainability import apply_stage, resolve_groups
-from tests.conftest import make_config, run_args
-
-REPO = Path(__file__).parents[1]
+from tests.conftest import TWO_PROCESSES, RunsCode, make_config, run_args, train_subprocess
 
 
 def test_full_run_writes_manifests_metrics_and_exports(tiny_checkpoints, receipts, tmp_path, capsys):
@@ -150,17 +146,11 @@ def test_lora_export_matches_the_unmerged_model(name, tiny_checkpoints, tmp_path
                                rtol=1e-4, atol=1e-5)
 
 
-def _train_subprocess(args: list[str], launcher: list[str] | None = None) -> subprocess.Popen:
-    command = (launcher or [sys.executable]) + ["-m", "train"] + args
-    return subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_checkpoints, receipts, tmp_path):
     extra = ("train.save_every_steps=1", "train.keep_last_checkpoints=3")
-    reference = _train_subprocess(run_args(tiny_checkpoints, receipts, tmp_path / "ref", *extra))
+    reference = train_subprocess(run_args(tiny_checkpoints, receipts, tmp_path / "ref", *extra))
     killed_dir = tmp_path / "killed"
-    victim = _train_subprocess(run_args(tiny_checkpoints, receipts, killed_dir, *extra))
+    victim = train_subprocess(run_args(tiny_checkpoints, receipts, killed_dir, *extra))
     deadline = time.time() + 300
     # 3 steps an epoch, 1 epoch a stage: step 4 is inside stage 2's epoch
     while time.time() < deadline and not any(int(c.name[5:]) >= 4 for c in list_checkpoints(killed_dir)):
@@ -168,7 +158,7 @@ def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_checkpoints, re
     assert victim.poll() is None, "the run finished before it could be killed"
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
-    resumed = _train_subprocess(run_args(tiny_checkpoints, receipts, killed_dir, *extra) + ["--resume"])
+    resumed = train_subprocess(run_args(tiny_checkpoints, receipts, killed_dir, *extra) + ["--resume"])
     assert resumed.wait(timeout=600) == 0, resumed.stdout.read()
     assert reference.wait(timeout=600) == 0, reference.stdout.read()
     expected = json.loads((tmp_path / "ref" / "results.json").read_text())
@@ -200,10 +190,8 @@ def test_two_processes_agree_with_one_process(tiny_checkpoints, receipts, tmp_pa
     single = tmp_path / "single"
     assert main(run_args(tiny_checkpoints, receipts, single)) == 0
     out = tmp_path / "ddp"
-    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    proc = _train_subprocess(run_args(tiny_checkpoints, receipts, out, "train.report_to=[tensorboard]",
-                                      "data.batch_size=2"), launcher=launcher)
+    proc = train_subprocess(run_args(tiny_checkpoints, receipts, out, "train.report_to=[tensorboard]",
+                                     "data.batch_size=2"), launcher=TWO_PROCESSES)
     assert proc.wait(timeout=600) == 0, proc.stdout.read()
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3  # one line per epoch: only the main process writes
@@ -236,16 +224,6 @@ def test_augment_options_are_checked():
         augment_config({"rotate": 3})
 
 
-class _RunsCode:
-    """Unpickling this writes a file: what a tampered checkpoint would do on a plain torch.load."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (exec, (f"open({str(self.marker)!r}, 'w').write('ran')",))
-
-
 def test_resume_runs_no_code_from_a_tampered_checkpoint(tiny_checkpoints, receipts, tmp_path):
     out = tmp_path / "run"
     args = run_args(tiny_checkpoints, receipts, out, "train.stages=[{name: a, epochs: 2, lr: 0.001, trainable: [head]}]",
@@ -262,7 +240,7 @@ def test_resume_runs_no_code_from_a_tampered_checkpoint(tiny_checkpoints, receip
     for name in pickled + ["custom_checkpoint_0.pkl"]:
         shutil.rmtree(first)
         shutil.copytree(pristine, first)
-        torch.save(_RunsCode(marker), first / name)
+        torch.save(RunsCode(marker), first / name)
         with pytest.raises(SystemExit, match=rf"refusing to resume: .*{name} "):
             main(args + ["--resume"])
         assert not marker.exists(), f"resuming ran code from a tampered {name}"

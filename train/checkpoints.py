@@ -8,19 +8,26 @@ Nothing of a checkpoint is unpickled: the run's progress is `progress.json` (not
 with `accelerator.register_for_checkpointing`), the weights are safetensors, and before accelerate
 loads its own pickle-format files (optimizer, scheduler, sampler, RNG states) `check_safe_to_load`
 opens each with `weights_only=True` and refuses the checkpoint, naming the file, if one needs more.
+Sharded state (torch.distributed.checkpoint folders, written by accelerate's FSDP or by `train.sharding`)
+is checked too: torch reads a `.metadata` file with a plain `pickle.load` and non-tensor entries with
+`weights_only=False`, so the metadata is unpickled with an allowlist of the classes torch writes there and
+every non-tensor entry is opened with `weights_only=True` before torch reads the folder.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import load as accelerate_load
+from torch.distributed.checkpoint import metadata as dcp_metadata
 
 PREFIX = "step-"
 RESOLVED_CONFIG = "config.yaml"  # RUN/config.yaml, copied into every checkpoint
@@ -86,6 +93,10 @@ def read_progress(checkpoint: Path) -> TrainingProgress:
 
 
 PICKLE_SUFFIXES = (".bin", ".pkl", ".pt", ".pth")  # what accelerate writes with torch.save
+DCP_METADATA = ".metadata"  # the index of a torch.distributed.checkpoint folder (a pickle)
+# What torch writes into a .metadata file besides the classes of torch.distributed.checkpoint.metadata.
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("collections", "OrderedDict")}
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -93,30 +104,75 @@ class UnsafeCheckpointError(RuntimeError):
 
 
 def check_safe_to_load(checkpoint: Path) -> None:
-    """Open every pickle-format file of `checkpoint` the way accelerate will, with weights_only=True.
+    """Open every pickle-format file of `checkpoint` (subfolders included) without running code from it.
 
-    accelerate loads optimizer, scheduler and sampler states this way already, but skips RNG states
-    that fail to load with only an INFO line, and would fully unpickle `custom_checkpoint_*.pkl`.
+    accelerate loads optimizer, scheduler and sampler states with weights_only=True already, but skips RNG
+    states that fail to load with only an INFO line, and would fully unpickle `custom_checkpoint_*.pkl`;
+    torch.distributed.checkpoint unpickles `.metadata` and its non-tensor entries in full.
 
     Raises:
         UnsafeCheckpointError: one line naming the file that cannot be loaded safely.
     """
-    for path in sorted(checkpoint.iterdir()):
-        if path.suffix not in PICKLE_SUFFIXES:
-            continue
-        if path.name.startswith("custom_checkpoint_"):
+    for path in sorted(checkpoint.rglob("*")):
+        if path.name == DCP_METADATA:
+            _check_dcp_folder(path)
+        elif path.suffix in PICKLE_SUFFIXES and path.name.startswith("custom_checkpoint_"):
             raise UnsafeCheckpointError(f"refusing to resume: {path} is a pickled custom state (it could run code); "
                                         f"this project keeps its progress in progress.json")
+        elif path.suffix in PICKLE_SUFFIXES:
+            try:
+                accelerate_load(path, map_location="cpu")  # weights_only=True, with accelerate's numpy allowances
+            except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+                raise _refusal(path, "does not load with weights_only=True", exc) from exc
+
+
+def _refusal(path: Path, what: str, exc: BaseException) -> UnsafeCheckpointError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UnsafeCheckpointError(f"refusing to resume: {path} {what} ({reason})")
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only the classes torch.distributed.checkpoint puts into `.metadata` (dataclasses, enums, dtypes)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = super().find_class(module, name) if module in ("torch", dcp_metadata.__name__) else None
+        if (module, name) in _METADATA_GLOBALS or isinstance(found, torch.dtype) or (
+                module == dcp_metadata.__name__ and isinstance(found, type)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not checkpoint metadata")
+
+
+def _check_dcp_folder(metadata_path: Path) -> None:
+    """Unpickle a `.metadata` with the allowlist, then open each non-tensor entry it lists with weights_only=True."""
+    try:
+        with metadata_path.open("rb") as handle:
+            metadata = _MetadataUnpickler(handle).load()
+        if not isinstance(metadata, dcp_metadata.Metadata):
+            raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not checkpoint metadata")
+    except (pickle.UnpicklingError, AttributeError, EOFError, ImportError, IndexError, TypeError, ValueError) as exc:
+        raise _refusal(metadata_path, "is not plain torch.distributed.checkpoint metadata", exc) from exc
+    for index, info in (metadata.storage_data or {}).items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), dcp_metadata.BytesStorageMetadata):
+            continue  # tensors: torch reads them with weights_only=True itself
+        data = metadata_path.parent / info.relative_path
         try:
-            accelerate_load(path, map_location="cpu")  # weights_only=True, with accelerate's numpy allowances
+            if info.transform_descriptors:  # compression or other stream transforms: not written here
+                raise ValueError(f"entry {index.fqn!r} has stream transforms {list(info.transform_descriptors)}")
+            with data.open("rb") as handle:
+                handle.seek(info.offset)
+                torch.load(io.BytesIO(handle.read(info.length)), weights_only=True)
         except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UnsafeCheckpointError(f"refusing to resume: {path} does not load with weights_only=True "
-                                        f"({reason})") from exc
+            raise _refusal(data, f"entry {index.fqn!r} does not load with weights_only=True", exc) from exc
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingProgress, keep_last: int) -> Path:
-    """Save the full training state atomically; every process must call this."""
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingProgress, keep_last: int,
+                    save_more: Callable[[Path], None] | None = None) -> Path:
+    """Save the full training state atomically; every process must call this.
+
+    Args:
+        save_more: called on every process with the unfinished folder after accelerate's state is in it,
+            for state accelerate does not hold (the shards of a model the trainer sharded itself).
+    """
     root = checkpoint_root(run_dir)
     final = root / f"{PREFIX}{progress.global_step:08d}"
     tmp = root / f".tmp-{final.name}"
@@ -125,6 +181,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingP
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if save_more is not None:
+        save_more(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(json.dumps(progress.state_dict(), indent=1))

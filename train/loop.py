@@ -3,7 +3,10 @@
 One `Trainer` runs every stage of `train.stages`. At each stage start it injects LoRA if the stage
 asks for it, applies the stage's trainable groups to the *unwrapped* model (so DDP never sees a
 changed trainable set), builds the optimizer (carrying Adam state over for parameters that stay
-trainable), and prepares everything with accelerate.
+trainable), and prepares everything with accelerate. A sharded model (accelerate's FSDP or DeepSpeed,
+or `train.sharding: fsdp2`) is wrapped once instead: the LoRA of every stage is injected before the
+wrap and a stage only changes `requires_grad` (`train.sharding` explains why); its exports are built from
+gathered weights.
 
 What a run writes besides checkpoints and exports:
     RUN/steps.jsonl       every `train.log_every_steps` optimizer steps (and at each epoch end): the
@@ -19,6 +22,7 @@ uninterrupted one would have.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import time
@@ -29,6 +33,9 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -41,8 +48,10 @@ from models.metrics import accuracy, confusion_matrix, macro_f1, per_class_score
 from train.checkpoints import TrainingProgress, check_safe_to_load, save_checkpoint
 from train.data import RunDatasets
 from models.files import append_jsonl, write_json, write_jsonl
-from train.lora import LORA_GROUPS, inject_lora, lora_groups, merge_lora
+from train.lora import inject_planned, lora_groups, lora_plan, merge_lora
 from train.report import write_report
+from train.sharding import (SHARDED_STATE, accelerate_shards, full_state_dict, load_sharded_state,
+                            save_sharded_state, sharding_function, unsharded_copy)
 from train.tracking import RunTracker, epoch_scalars, step_scalars
 from train.trainability import TrainableParam, apply_stage, check_gradients, log_manifest, manifest
 
@@ -73,7 +82,10 @@ class Trainer:
                  datasets: RunDatasets, run_dir: Path) -> None:
         self.config = config
         self.accelerator = accelerator
-        self.model = model  # always the unwrapped model
+        self.model = model  # the model itself (sharded in place under FSDP2; inside the wrapper otherwise)
+        self.shard = sharding_function(config.train, accelerator)  # the trainer shards (train.sharding)
+        self.wrap_once = self.shard is not None or accelerate_shards(accelerator)
+        self._prepared: torch.nn.Module | None = None  # the model as last prepared (sharded: the one wrap)
         self.datasets = datasets
         self.run_dir = run_dir
         self.progress = TrainingProgress()  # saved as progress.json beside accelerate's state, never pickled
@@ -96,6 +108,10 @@ class Trainer:
         """
         start = resume_progress.stage if resume_progress else 0
         self.tracker.start(resume_progress.global_step if resume_progress else None, last_logged_step)
+        if self.wrap_once:  # every structural change before the one wrap
+            inject_planned(self.model, lora_plan(self.config.train.stages))
+        if self.shard is not None:
+            self._prepared = self.shard(self.model)
         for index, stage in enumerate(self.config.train.stages):
             if index < start:
                 self._inject_lora(stage)  # replay structural changes of finished stages
@@ -104,6 +120,8 @@ class Trainer:
             if resume_from is not None and index == start:
                 check_safe_to_load(resume_from)
                 self.accelerator.load_state(str(resume_from))
+                if self.shard is not None:
+                    load_sharded_state(self.model, run.optimizer.optimizer, resume_from / SHARDED_STATE)
                 self.progress.load_state_dict(resume_progress.state_dict())
                 logger.info("resumed from %s (stage %d, epoch %d, step %d)", resume_from,
                             self.progress.stage, self.progress.epoch, self.progress.global_step)
@@ -116,9 +134,7 @@ class Trainer:
         return self._finish()
 
     def _inject_lora(self, stage: StageConfig) -> None:
-        for group in LORA_GROUPS:
-            if group in stage.trainable:
-                inject_lora(self.model, group, stage.lora_rank, stage.lora_alpha, stage.lora_dropout)
+        inject_planned(self.model, lora_plan([stage]))  # a no-op for groups already injected
 
     def _setup_stage(self, index: int, stage: StageConfig) -> StageRun:
         acc = self.accelerator
@@ -134,12 +150,37 @@ class Trainer:
         train_loader = make_dataloader(self.datasets.train, self.config.data.batch_size, shuffle=True,
                                        num_workers=self.config.data.num_workers, seed=self.config.seed)
         val_loader = self._eval_loader(self.datasets.val)
-        model, optimizer, train_loader = acc.prepare(self.model, optimizer, train_loader)
+        model, optimizer, train_loader, trainable = self._prepare(optimizer, train_loader, trainable)
         val_loader = acc.prepare(val_loader) if val_loader is not None else None
         total = self._total_steps(stage, len(train_loader))
         scheduler = acc.prepare(get_scheduler(SCHEDULES[stage.schedule], optimizer.optimizer,
                                               num_warmup_steps=stage.warmup_steps, num_training_steps=total))
         return StageRun(index, stage, model, optimizer, scheduler, train_loader, val_loader, trainable, total)
+
+    def _prepare(self, optimizer: torch.optim.Optimizer, train_loader: Any, trainable: list[TrainableParam]
+                 ) -> tuple[torch.nn.Module, Any, Any, list[TrainableParam]]:
+        """The model, optimizer and loader as the stage trains with them; `trainable` bound to the model's
+        parameters as they are after the wrap.
+
+        Unsharded, accelerate wraps the model afresh each stage (a DDP wrapper is separate from the model).
+        Sharded by accelerate, FSDP wraps at the first stage and gets that wrapped model back later, which it
+        does not wrap again (it only re-points the new optimizer at the sharded parameters). Sharded by the
+        trainer, accelerate sees only the loader: its optimizer wrapper is used for gradient accumulation but
+        not registered, because `save_state` would pickle the optimizer's DTensor state from the main process
+        alone (the trainer saves it sharded instead).
+        """
+        acc = self.accelerator
+        if self.shard is not None:
+            return self.model, AcceleratedOptimizer(optimizer, device_placement=False), acc.prepare(train_loader), \
+                trainable
+        reuse = self._prepared is not None and acc.distributed_type == DistributedType.FSDP
+        model, optimizer, train_loader = acc.prepare(self._prepared if reuse else self.model, optimizer, train_loader)
+        self._prepared = model
+        if self.wrap_once:  # wrapping replaced the parameters (DTensors, FSDP1's views): use the new ones
+            params = {name.replace("_fsdp_wrapped_module.", ""): p for name, p in self.model.named_parameters()}
+            trainable = [dataclasses.replace(t, param=params[t.name.replace("_fsdp_wrapped_module.", "")])
+                         for t in trainable]
+        return model, optimizer, train_loader, trainable
 
     def _total_steps(self, stage: StageConfig, batches_per_epoch: int) -> int:
         per_epoch = math.ceil(batches_per_epoch / stage.grad_accum_steps)
@@ -189,7 +230,7 @@ class Trainer:
             metrics = self._end_epoch(run, train_loss)
             p.epoch, p.batches_done, p.epoch_loss_sum, p.epoch_samples = p.epoch + 1, 0, 0.0, 0.0
             self._log_metrics(metrics)
-            self._save_checkpoint()
+            self._save_checkpoint(run)
 
     def _hit_max_steps(self, run: StageRun) -> bool:
         return run.config.max_steps is not None and self.progress.stage_step >= run.config.max_steps
@@ -234,6 +275,8 @@ class Trainer:
             grad_norm = None
             if acc.sync_gradients:  # max_grad_norm None: an infinite bound measures the norm without clipping
                 grad_norm = acc.clip_grad_norm_([t.param for t in run.trainable], run.config.max_grad_norm or math.inf)
+                if isinstance(grad_norm, DTensor):  # FSDP2: the norm over all shards, the same on every process
+                    grad_norm = grad_norm.full_tensor()
             run.optimizer.step()
             if acc.sync_gradients and not acc.optimizer_step_was_skipped:  # the schedule counts optimizer steps
                 run.scheduler.step()
@@ -279,10 +322,15 @@ class Trainer:
         every = self.config.train.save_every_steps
         if every and self.progress.global_step % every == 0:
             self._flush(run)
-            self._save_checkpoint()
+            self._save_checkpoint(run)
 
-    def _save_checkpoint(self) -> None:
-        save_checkpoint(self.accelerator, self.run_dir, self.progress, self.config.train.keep_last_checkpoints)
+    def _save_checkpoint(self, run: StageRun) -> None:
+        save_more = None
+        if self.shard is not None:  # accelerate does not hold the model: its shards and the optimizer's go beside
+            def save_more(folder: Path) -> None:
+                save_sharded_state(self.model, run.optimizer.optimizer, folder / SHARDED_STATE)
+        save_checkpoint(self.accelerator, self.run_dir, self.progress, self.config.train.keep_last_checkpoints,
+                        save_more)
         if self.accelerator.is_main_process:
             write_json(self.run_dir / "timing.json", self._timing())
 
@@ -369,11 +417,19 @@ class Trainer:
 
     def export(self, name: str, evaluation: dict[str, Any] | None = None) -> Path | None:
         """Write the self-describing model folder RUN/name/ (LoRA merged), the run's resolved config, and a
-        model card (README.md) with how it was trained and `evaluation` (metrics plus "split" and "source")."""
+        model card (README.md) with how it was trained and `evaluation` (metrics plus "split" and "source").
+
+        Sharded, every process takes part in gathering the full weights and the main process builds the
+        export from them; unsharded, the main process copies the model it holds whole."""
         self.accelerator.wait_for_everyone()
+        state = full_state_dict(self.accelerator, self._prepared) if self.wrap_once else None
         target = None
         if self.accelerator.is_main_process:
-            exported = copy.deepcopy(self.model)
+            if state is None:
+                exported = copy.deepcopy(self.model)
+            else:
+                injected = {g: s for g, s in lora_plan(self.config.train.stages).items() if g in lora_groups(self.model)}
+                exported = unsharded_copy(self.model, state, injected)
             merge_lora(exported.language)
             merge_lora(exported.vision)
             summary = TrainingSummary(self.config, self._data_sizes(), self.progress.global_step,
@@ -406,7 +462,7 @@ class Trainer:
         evaluation = None
         if self.datasets.test is not None:
             loader = self.accelerator.prepare(self._eval_loader(self.datasets.test))
-            result["test"] = self.evaluate(self.model, loader, rows)
+            result["test"] = self.evaluate(self._prepared if self.wrap_once else self.model, loader, rows)
             evaluation = {"split": "test", "source": self.config.data.test, **result["test"]}
             self.tracker.log({f"test/{k}": result["test"][k] for k in ("loss", "accuracy", "macro_f1")},
                              self.progress.global_step)

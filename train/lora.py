@@ -13,6 +13,7 @@ from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from config.schema import StageConfig
 from models.internvl2 import InternVL2MultimodalModel
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,22 @@ def inject_lora(model: InternVL2MultimodalModel, group: str, rank: int, alpha: i
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=names)
     inject_adapter_in_model(config, target)
     logger.info("LoRA r=%d alpha=%d on %s: %s", rank, alpha, group, ", ".join(names))
+
+
+def lora_plan(stages: list[StageConfig]) -> dict[str, StageConfig]:
+    """Each LoRA group the stages train -> the first stage that lists it (its rank, alpha and dropout apply)."""
+    plan: dict[str, StageConfig] = {}
+    for stage in stages:
+        for group in LORA_GROUPS:
+            if group in stage.trainable:
+                plan.setdefault(group, stage)
+    return plan
+
+
+def inject_planned(model: InternVL2MultimodalModel, plan: dict[str, StageConfig]) -> None:
+    """`inject_lora` for every group of `plan` (a `lora_plan`, or part of one) with its stage's settings."""
+    for group, stage in plan.items():
+        inject_lora(model, group, stage.lora_rank, stage.lora_alpha, stage.lora_dropout)
 
 
 def lora_groups(model: InternVL2MultimodalModel) -> dict[str, list[nn.Module]]:

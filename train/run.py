@@ -26,6 +26,7 @@ from train.checkpoints import (RESOLVED_CONFIG, UnsafeCheckpointError, latest_ch
 from train.data import build_datasets
 from models.files import write_text_atomic
 from train.loop import Trainer
+from train.sharding import sharding_function
 from train.tracking import TrackerError, check_report_to
 
 logger = logging.getLogger("train")
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
                                                                   logging_dir=str(run_dir / "trackers")),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True,
                                                                         data_seed=config.seed))
+    try:
+        sharding_function(config.train, accelerator)  # refused here, before any work
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     _setup_logging(accelerator.is_main_process)
     set_seed(config.seed)
     model = build_model(config.model)
