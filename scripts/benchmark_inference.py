@@ -146,35 +146,43 @@ def decode_table(paths: list[Path], sides: list[int], rounds: int) -> str:
     return markdown_table(headers, rows)
 
 
-def label_changes(manifest: str, encoder: str, work: Path, batch_size: int) -> str:
-    """Predicted labels of a manifest's images through the full and the draft decode, with one random model."""
-    model = InternVL2MultimodalModel.from_pretrained(export_demo_model(encoder, work))
-    with torch.no_grad():
-        for block in model.fusion.blocks:
-            block.attn_gate.alpha.fill_(1.0)
-            block.mlp_gate.alpha.fill_(1.0)
+def label_changes(manifest: str, encoder: str, work: Path, batch_size: int, checkpoint: Path | None = None) -> str:
+    """Predicted labels of a manifest's images through the full and the draft decode, with a trained model
+    (`checkpoint`) or one fixed random model."""
+    if checkpoint is not None:
+        model = InternVL2MultimodalModel.from_pretrained(checkpoint)
+    else:
+        model = InternVL2MultimodalModel.from_pretrained(export_demo_model(encoder, work))
+        with torch.no_grad():
+            for block in model.fusion.blocks:
+                block.attn_gate.alpha.fill_(1.0)
+                block.mlp_gate.alpha.fill_(1.0)
     counter = ReceiptCounter.from_model(model)
-    paths = [r.path for r in load_records(manifest, counter.class_names)]
+    records = load_records(manifest, counter.class_names)
+    paths = [r.path for r in records]
     probs = {}
     for name, load in (("full", full_decode), ("draft", load_pixel_values)):
         pixels = [load(p, counter.model.preprocessing) for p in paths]
         probs[name] = torch.tensor([list(p.probabilities.values()) for p in counter.predict(pixels, batch_size)])
     # An untrained head gives every image the class of its bias; taking out the split's mean log-probability
     # (the same offset for both pipelines) leaves labels that follow the pixels, so a change can show.
-    prior = probs["full"].log().mean(0)
+    prior = probs["full"].log().mean(0) if checkpoint is None else torch.zeros(len(counter.class_names))
     labels = {name: (p.log() - prior).argmax(1) for name, p in probs.items()}
     changed = int((labels["full"] != labels["draft"]).sum())
     spread = torch.bincount(labels["full"], minlength=len(counter.class_names)).tolist()
     with Image.open(paths[0]) as first:
         side = f"{first.width}x{first.height}"
+    truth = torch.tensor([r.label for r in records])
+    accuracy = {name: (labels[name] == truth).float().mean().item() for name in labels}
     return (f"{manifest}: {len(paths)} images ({side} px) -> {counter.model.preprocessing.size}; labels changed by "
             f"the draft decode: {changed} of {len(paths)} (full-decode labels per class {spread}); max |probability "
-            f"change| {(probs['full'] - probs['draft']).abs().max():.2e}")
+            f"change| {(probs['full'] - probs['draft']).abs().max():.2e}; accuracy full {accuracy['full']:.4f}, "
+            f"draft {accuracy['draft']:.4f}")
 
 
 def decode_main(args: argparse.Namespace, work: Path) -> None:
     if args.labels:
-        print(label_changes(args.labels, args.encoder, work, max(args.batch_sizes)))
+        print(label_changes(args.labels, args.encoder, work, max(args.batch_sizes), args.checkpoint))
         return
     paths = write_photos(work / "photos", args.photos, args.photo_size)
     megabytes = sum(p.stat().st_size for p in paths) / len(paths) / 1e6

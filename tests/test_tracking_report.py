@@ -113,7 +113,8 @@ def test_step_rows_average_their_window_and_name_every_group(tracked_run):
 
 def test_resume_continues_the_tensorboard_run_without_duplicate_steps(tracked_run, tiny_checkpoints, receipts,
                                                                       tmp_path):
-    """A run that died after its step-4 checkpoint (its events up to the end already written) resumes."""
+    """A run killed right after its step-4 checkpoint (a deterministic kill point: the later checkpoints are
+    removed, the later rows, events and exports are left as a kill would leave them) resumes."""
     run = tmp_path / tracked_run.name
     shutil.copytree(tracked_run, run)
     for checkpoint in list_checkpoints(run):
@@ -121,7 +122,7 @@ def test_resume_continues_the_tensorboard_run_without_duplicate_steps(tracked_ru
             shutil.rmtree(checkpoint)
     # the copy differs from the original run only in output_dir
     assert main(run_args(tiny_checkpoints, receipts, run, *TRACKED) + ["--resume", "--allow-config-change"]) == 0
-    for name in ("metrics.jsonl", "steps.jsonl"):
+    for name in ("metrics.jsonl", "steps.jsonl", "results.json"):  # row-identical to the uninterrupted run
         assert (run / name).read_text() == (tracked_run / name).read_text(), name
     _assert_same_scalars(_scalars(run), _expected_scalars(run))
     assert json.loads((run / "trackers.json").read_text())["run_name"] == tracked_run.name

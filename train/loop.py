@@ -85,6 +85,8 @@ class Trainer:
         self.model = model  # the model itself (sharded in place under FSDP2; inside the wrapper otherwise)
         self.shard = sharding_function(config.train, accelerator)  # the trainer shards (train.sharding)
         self.wrap_once = self.shard is not None or accelerate_shards(accelerator)
+        if self.wrap_once:  # a sharded LLM all-gathers in its forward: every process must run it at the same
+            model.question_cache = None  # batches, which a per-process cache of questions would not guarantee
         self._prepared: torch.nn.Module | None = None  # the model as last prepared (sharded: the one wrap)
         self.datasets = datasets
         self.run_dir = run_dir
@@ -264,11 +266,12 @@ class Trainer:
         acc = self.accelerator
         with acc.accumulate(run.model):
             size = batch["labels"].shape[0]
-            if size == 0:  # every image of this batch was bad: a zero loss keeps DDP's collectives in step
-                loss = sum(t.param.sum() * 0.0 for t in run.trainable)
-            else:
-                ids, mask = self.model.tokenize(batch["questions"], acc.device)
-                loss = run.model(batch["pixel_values"], ids, mask, labels=batch["labels"]).loss
+            # Every image of the batch was bad: one blank image with its loss times zero, so this process runs
+            # the same forward and backward as the others (DDP's all-reduce, FSDP's all-gathers stay in step).
+            inputs = batch if size else self._blank_batch()
+            ids, mask = self.model.tokenize(inputs["questions"], acc.device)
+            loss = run.model(inputs["pixel_values"], ids, mask, labels=inputs["labels"]).loss
+            loss = loss if size else loss * 0.0
             acc.backward(loss)
             if self.progress.stage_step == 0 and self.progress.batches_done == 0 and size > 0:
                 check_gradients(run.trainable, {id(q) for g in run.optimizer.param_groups for q in g["params"]})
@@ -287,6 +290,12 @@ class Trainer:
         if grad_norm is not None:
             self._local[2] += grad_norm.detach().double()
             self._local[3] += 1
+
+    def _blank_batch(self) -> dict[str, Any]:
+        """One image of zeros (the normalisation mean) at the model's input size, default question, class 0."""
+        height, width = self.model.preprocessing.size
+        return {"pixel_values": torch.zeros(1, 3, height, width, device=self.accelerator.device),
+                "questions": [None], "labels": torch.zeros(1, dtype=torch.long, device=self.accelerator.device)}
 
     def _flush(self, run: StageRun) -> None:
         """Add every process's sums since the last flush into `progress` (a collective: all processes call it
