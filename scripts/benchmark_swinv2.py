@@ -59,9 +59,9 @@ class Case:
 
 
 CASES = {
-    "eval_w8": Case("eval forward, 256x256, window 8", "eval", 8, 1.3),
+    "eval_w8": Case("eval forward, 256x256, window 8", "eval", 8, 1.2),
     "eval_w16": Case("eval forward, 256x256, window 16", "eval", 16, 1.5),
-    "train_w8": Case("train step (fwd+bwd), 256x256, window 8", "train", 8, 1.15),
+    "train_w8": Case("train step (fwd+bwd), 256x256, window 8", "train", 8, 1.05),
 }
 
 

@@ -119,3 +119,19 @@ def test_grad_checkpointing_keeps_gradients(tiny_checkpoints) -> None:
     ours(x).tokens.sum().backward()
     for p, g in zip(ours.parameters(), plain):
         assert torch.allclose(p.grad, g, atol=1e-5)
+
+
+def test_chunk_mib_is_set_from_the_vision_config(tiny_checkpoints) -> None:
+    """`model.vision.config.chunk_mib` reaches the backbone (random init and checkpoint), stays out of
+    the saved transformers config, and a bad value is a clear error."""
+    small = dict(embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4, image_size=64)
+    assert Swinv2InhouseEncoder.build(None, small, (64, 64)).backbone.cfg.chunk_mib == "auto"
+    encoder = Swinv2InhouseEncoder.build(None, {**small, "chunk_mib": None}, (64, 64))
+    assert encoder.backbone.cfg.chunk_mib is None and all(s.chunk_mib is None for s in encoder.backbone.layers)
+    assert "chunk_mib" not in encoder.hf_config_dict()
+    loaded = Swinv2InhouseEncoder.build(str(tiny_checkpoints["swinv2"]), {"chunk_mib": 4}, (224, 224))
+    assert loaded.backbone.cfg.chunk_mib == 4 and "chunk_mib" not in loaded.hf_config_dict()
+    for checkpoint in (None, str(tiny_checkpoints["swinv2"])):
+        with pytest.raises(EncoderUnavailableError, match="chunk_mib must be a positive number of MiB"):
+            Swinv2InhouseEncoder.build(checkpoint, {**(small if checkpoint is None else {}), "chunk_mib": 0},
+                                       (224, 224))

@@ -6,10 +6,16 @@ preprocessing, token grids, stage features and parameter groups (timm's stage co
 is the patch merging that feeds it followed by its blocks), and LoRA targets naming the same Linear
 layers in this model's module names. `hf_config_dict()` is the transformers `Swinv2Config` dict, so
 exported models stay loadable by either adapter.
+
+One key of `model.vision.config` is this model's own, not a `Swinv2Config` field: `chunk_mib`, the
+sub-batch size (`SwinV2Config.chunk_mib`: "auto" = 16 MiB on CPU and whole batches on accelerators,
+a number of MiB on every device, or null for never). It is a run-time setting: not saved in
+`hf_config_dict()`, so an export runs with "auto" unless its config sets it again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -43,11 +49,16 @@ class Swinv2InhouseEncoder(VisionEncoder):
               resize: str = "pad", **kwargs: Any) -> "Swinv2InhouseEncoder":
         """From a transformers Swin V2 folder / hub id, or at random from Swinv2Config fields."""
         preprocessing = checkpoint_preprocessing(checkpoint, image_size, resize)
+        overrides = dict(config_overrides)
+        chunk_mib = overrides.pop("chunk_mib", "auto")
         if checkpoint is None:
-            config = make_config(Swinv2Config, config_overrides, cls.name)
-            return cls(_backbone_from_config(config), config.to_dict(), preprocessing)
-        hf_model = load_hf_swin(Swinv2Model, Swinv2Config, ("swinv2",), checkpoint, config_overrides, cls.name)
-        backbone = from_transformers(hf_model).train()  # trainability and mode are the caller's policy
+            config = make_config(Swinv2Config, overrides, cls.name)
+            return cls(_backbone_from_config(config, chunk_mib), config.to_dict(), preprocessing)
+        hf_model = load_hf_swin(Swinv2Model, Swinv2Config, ("swinv2",), checkpoint, overrides, cls.name)
+        try:
+            backbone = from_transformers(hf_model, chunk_mib).train()
+        except ValueError as e:  # a bad chunk_mib
+            raise EncoderUnavailableError(f"encoder 'swinv2_inhouse': {e}") from e  # trainability and mode are the caller's policy
         return cls(backbone, hf_model.config.to_dict(), preprocessing)
 
     @classmethod
@@ -95,10 +106,10 @@ class Swinv2InhouseEncoder(VisionEncoder):
                              stage_grids=out.stage_grids)
 
 
-def _backbone_from_config(config: Swinv2Config) -> SwinTransformerV2:
+def _backbone_from_config(config: Swinv2Config, chunk_mib: float | str | None = "auto") -> SwinTransformerV2:
     """A randomly initialised in-house backbone; unsupported settings are `EncoderUnavailableError`."""
     try:
-        return SwinTransformerV2(config_from_transformers(config))
+        return SwinTransformerV2(dataclasses.replace(config_from_transformers(config), chunk_mib=chunk_mib))
     except ValueError as e:
         raise EncoderUnavailableError(f"encoder 'swinv2_inhouse': {e}") from e
 

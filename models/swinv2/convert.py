@@ -32,6 +32,7 @@ transformers checkpoints saved from a task model carry a `swinv2.` prefix, which
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Callable
@@ -513,12 +514,14 @@ def load_state_dict_strict(model: SwinTransformerV2, state_dict: StateDict) -> S
     return model
 
 
-def from_transformers(model_or_folder: nn.Module | str | os.PathLike) -> SwinTransformerV2:
+def from_transformers(model_or_folder: nn.Module | str | os.PathLike,
+                      chunk_mib: float | str | None = "auto") -> SwinTransformerV2:
     """Build the in-house model from a transformers Swin V2 model or a local folder holding one.
 
     Args:
         model_or_folder: a `Swinv2Model` (or a task model with a `.swinv2` backbone), or a local
             folder in Hugging Face format (config.json + weights).
+        chunk_mib: `SwinV2Config.chunk_mib` (a run-time setting, not part of the checkpoint).
 
     Returns:
         The in-house model with the same config and weights, in eval mode.
@@ -529,6 +532,6 @@ def from_transformers(model_or_folder: nn.Module | str | os.PathLike) -> SwinTra
         from transformers import Swinv2Model  # imported here: the model module depends on torch only
 
         hf_model = Swinv2Model.from_pretrained(os.fspath(model_or_folder))
-    model = SwinTransformerV2(config_from_transformers(hf_model.config))
+    model = SwinTransformerV2(dataclasses.replace(config_from_transformers(hf_model.config), chunk_mib=chunk_mib))
     load_state_dict_strict(model, hf_model.state_dict())
     return model.eval()

@@ -1,9 +1,8 @@
 """Swin Transformer V2 (arXiv 2111.09883) in plain PyTorch, weight-compatible with transformers' Swinv2Model.
 
-Reads top to bottom: pure helpers (window partition / reverse, log-spaced relative coordinates,
-shift-region mask, the one-gather window index, stochastic depth), the attention kernel wrapper,
-then the modules (fused qkv projection, window attention, block, patch merging, stage, patch
-embedding) and finally the model.
+Reads top to bottom: pure helpers (window partition / reverse, log-spaced relative coordinates and
+their index, shift-region mask, stochastic depth), then the modules (fused qkv projection, window
+attention, MLP, block, patch merging, stage, patch embedding) and finally the model.
 
 Layout conventions: feature maps travel between blocks as (B, H, W, C) ("NHWC"); windows as
 (B, nW, N, C) with nW windows per image and N = window * window tokens per window.
@@ -17,18 +16,11 @@ differ (see docs/swinv2.md):
 - the shift mask value is -200 (transformers adds its -100 mask twice; Microsoft, timm and
   torchvision add -100 once). It is `SwinV2Config.shift_mask_value`.
 
-Attention runs through `F.scaled_dot_product_attention` with `scale=1.0`: q is L2-normalised and
-multiplied by the clamped, exponentiated per-head logit scale, k is L2-normalised, and the
-continuous position bias (16 * sigmoid(MLP(log-spaced coords))) plus the shift mask is the
-`attn_mask`. In inference (eval mode, and no gradient needed for the bias MLP), that mask is
-computed once per feature-map shape and cached; the cache is keyed by the bias weights' identity
-and version counters, so loading weights or any in-place update (optimizer step, `copy_`)
-invalidates it, and it is dropped on every `train()` / `eval()` switch. For CPU training with a
-trainable bias, PyTorch's SDPA would fall back to its unfused math path (scaled copies of q and k,
-a safe softmax, an autograd graph of several ops); `scaled_dot_product_attention` below runs the
-same math as one autograd Function that keeps the probabilities and needs four GEMMs in backward.
-CPU float32 training also runs the biased linears through oneDNN (`linear`: the bias is added
-inside the GEMM) and the GELU MLP as one autograd node (`_GeluMlp`).
+Attention is `F.scaled_dot_product_attention` with `scale=1.0`: q is L2-normalised and multiplied
+by the clamped, exponentiated per-head logit scale, k is L2-normalised, and the continuous position
+bias (16 * sigmoid(MLP(log-spaced coords))) plus the shift mask is the `attn_mask`. It is called
+through `cpu_kernels.attention`, which runs the same math as a CPU kernel in CPU float32 training
+(`models/swinv2/cpu_kernels.py`); everywhere else it is SDPA itself.
 """
 
 from __future__ import annotations
@@ -42,6 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from . import cpu_kernels
+
 __all__ = [
     "SwinV2Config",
     "SwinV2Output",
@@ -52,6 +46,7 @@ __all__ = [
     "relative_position_index",
     "shift_region_mask",
     "stage_window_and_shift",
+    "sub_batch_mib",
 ]
 
 # Continuous position bias MLP width, fixed by the paper and every released checkpoint.
@@ -60,6 +55,8 @@ CPB_HIDDEN = 512
 LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 # LayerNorms that transformers builds without `layer_norm_eps` (patch embedding, patch merging).
 DEFAULT_LN_EPS = 1e-5
+# Sub-batch size of `chunk_mib="auto"` on CPU, measured (docs/benchmarks.md); accelerators run whole batches.
+CPU_CHUNK_MIB = 16.0
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
@@ -95,13 +92,14 @@ class SwinV2Config:
         drop_path_rate: stochastic depth rate of the last block (linear from 0).
         layer_norm_eps: eps of the block and final LayerNorms.
         shift_mask_value: additive mask between tokens of different shift regions.
-        chunk_mib: a stage whose largest transient tensor (the MLP hidden activation, tokens x
-            mlp_ratio x C elements) would exceed this many MiB for the whole batch runs its blocks on
-            sub-batches of whole images (at least one) that stay under it, and concatenates the
-            results: every op is per image, so the output is the same, while each transient tensor
-            stays small enough to be served again from the allocator's heap (glibc maps every
-            allocation above 32 MiB afresh and page-faults it in on each use) and to stay in cache
-            between ops. None never splits. Not part of the architecture: not converted, not saved.
+        chunk_mib: sub-batch size in MiB, "auto", or None. A stage whose largest transient tensor
+            (the MLP hidden activation, tokens x mlp_ratio x C elements) would exceed this many MiB
+            for the whole batch runs its blocks on sub-batches of whole images (at least one) and
+            concatenates the results: every op is per image, so the output is the same. It works
+            around glibc's allocator on CPU (every allocation above 32 MiB is mapped afresh and
+            page-faulted in on each use; docs/benchmarks.md). "auto" (the default): `CPU_CHUNK_MIB`
+            on CPU, no sub-batches on any other device; a number applies on every device; None never
+            splits. Not part of the architecture: not converted, not saved with the weights.
     """
 
     img_size: tuple[int, int] = (256, 256)
@@ -120,7 +118,7 @@ class SwinV2Config:
     drop_path_rate: float = 0.1
     layer_norm_eps: float = 1e-5
     shift_mask_value: float = -200.0
-    chunk_mib: float | None = 16.0
+    chunk_mib: float | str | None = "auto"
 
     def __post_init__(self) -> None:
         n = len(self.depths)
@@ -132,8 +130,9 @@ class SwinV2Config:
                 raise ValueError(f"stage {i}: {self.embed_dim * 2**i} channels not divisible by {heads} heads")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"unknown hidden_act {self.hidden_act!r}; known: {sorted(_ACTIVATIONS)}")
-        if self.chunk_mib is not None and not self.chunk_mib > 0:
-            raise ValueError(f"chunk_mib must be a positive number of MiB or None, got {self.chunk_mib}")
+        if self.chunk_mib not in (None, "auto") and not (isinstance(self.chunk_mib, (int, float))
+                                                         and self.chunk_mib > 0):
+            raise ValueError(f'chunk_mib must be a positive number of MiB, "auto" or None, got {self.chunk_mib!r}')
 
     @property
     def num_stages(self) -> int:
@@ -250,6 +249,13 @@ def stage_window_and_shift(resolution: tuple[int, int], window: int) -> tuple[in
     return window, window // 2
 
 
+def sub_batch_mib(chunk_mib: float | str | None, device: torch.device) -> float | None:
+    """The sub-batch size that `SwinV2Config.chunk_mib` means on `device` (None: no sub-batches)."""
+    if chunk_mib == "auto":
+        return CPU_CHUNK_MIB if device.type == "cpu" else None
+    return chunk_mib
+
+
 def window_token_index(height: int, width: int, window: int, shift: int) -> tuple[Tensor, Tensor]:
     """Flat-token indices that pad, roll and window-partition a map in one gather.
 
@@ -272,55 +278,6 @@ def window_token_index(height: int, width: int, window: int, shift: int) -> tupl
     return gather, scatter[: height * width]
 
 
-@dataclass(frozen=True)
-class _RowGather:
-    """A token index applied to every image of a batch, as rows of the flattened (B * T, C) map.
-
-    Gathering along dim 0 of a contiguous matrix is a parallel row copy on CPU; along dim 1 of
-    (B, T, C) it runs single-threaded at half the speed.
-
-    Attributes:
-        rows: (B * L,) source row of every output row (padding reads row 0 and is zeroed after).
-        zero: output rows that are padding, or None.
-    """
-
-    rows: Tensor
-    zero: Tensor | None
-
-    @classmethod
-    def build(cls, index: Tensor, batch: int, source_tokens: int) -> "_RowGather":
-        """From `index` (L,), flat token positions in a map of `source_tokens`; `source_tokens` = padding."""
-        pad = index == source_tokens
-        offsets = torch.arange(batch, device=index.device)[:, None]
-        rows = (offsets * source_tokens + index.masked_fill(pad, 0)).flatten()
-        if not bool(pad.any()):
-            return cls(rows, None)
-        return cls(rows, (offsets * index.numel() + pad.nonzero().flatten()).flatten())
-
-    def __call__(self, x: Tensor) -> Tensor:
-        """(B * T, C) -> (B * L, C)."""
-        out = x.index_select(0, self.rows)
-        return out if self.zero is None else out.index_fill_(0, self.zero, 0)
-
-
-class _PermuteTokens(torch.autograd.Function):
-    """A `_RowGather` whose backward is its adjoint, another gather (every source row is read once).
-
-    Both directions are plain gathers, which are far cheaper on CPU than the scatter-add that
-    autograd would otherwise derive, and than roll + pad + reshape copies.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, gather: _RowGather, adjoint: _RowGather) -> Tensor:
-        ctx.adjoint = adjoint
-        return gather(x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        return ctx.adjoint(grad.contiguous()), None, None
-
-
 def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
     """Stochastic depth: zero whole samples of a residual branch with probability `prob`."""
     if prob == 0.0 or not training:
@@ -333,112 +290,6 @@ def drop_path(x: Tensor, prob: float, training: bool) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Modules
 # ----------------------------------------------------------------------------------------------
-
-class _CpuAttentionWithMaskGrad(torch.autograd.Function):
-    """Attention for CPU training with a trainable additive mask, keeping the probabilities.
-
-    Forward: P = softmax(q k^T + mask), out = P v (two GEMMs, like SDPA). Backward from the saved P,
-    four GEMMs and no recomputation: dv = P^T dO, dS = softmax_backward(dO v^T, P), dq = dS k,
-    dk = dS^T q, dmask = sum_b dS. Storing P (N / d times the size of out) instead of out and the
-    log-sum-exp is what buys that. Inputs: qkv (3, B, G, N, d), q, k, v stacked; mask (1, G, N, N).
-    The GEMMs write dq, dk and dv into one stacked gradient, so nothing has to stack them again.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, qkv: Tensor, mask: Tensor) -> Tensor:
-        q, k, v = qkv.unbind(0)
-        scores = torch.matmul(q, k.transpose(-1, -2)).add_(mask)
-        # softmax and its backward below run in place (each row is reduced before it is written),
-        # so the scores buffer becomes the probabilities, and the probability gradient dS
-        probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-        ctx.save_for_backward(qkv, probs)
-        ctx.mask_dtype = mask.dtype
-        return torch.matmul(probs, v)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
-        qkv, probs = ctx.saved_tensors
-        q, k, v = qkv.unbind(0)
-        grad = grad.contiguous()  # it arrives token-major; two GEMMs read it, so lay it out once
-        grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-        dq, dk, dv = grad_qkv.unbind(0)
-        torch.matmul(probs.transpose(-1, -2), grad, out=dv)
-        dprobs = torch.matmul(grad, v.transpose(-1, -2))
-        dscores = torch.ops.aten._softmax_backward_data.out(dprobs, probs, -1, probs.dtype, grad_input=dprobs)
-        torch.matmul(dscores, k, out=dq)
-        torch.matmul(dscores.transpose(-1, -2), q, out=dk)
-        return grad_qkv, dscores.sum(0, keepdim=True).to(ctx.mask_dtype)
-
-
-def _runs_cpu_mask_grad(device: torch.device, mask: Tensor, dropout: float) -> bool:
-    """Whether `scaled_dot_product_attention` takes `_CpuAttentionWithMaskGrad` for these inputs."""
-    return device.type == "cpu" and mask.requires_grad and torch.is_grad_enabled() and dropout == 0.0
-
-
-def scaled_dot_product_attention(qkv: Tensor, mask: Tensor, dropout: float) -> Tensor:
-    """`F.scaled_dot_product_attention(q, k, v, mask, scale=1.0)`; on CPU with a mask that needs grad,
-    `_CpuAttentionWithMaskGrad` (the same math with a four-GEMM backward).
-
-    Args:
-        qkv: (3, B, G, N, d), q, k and v stacked; contiguous for `_CpuAttentionWithMaskGrad`, or
-            its GEMMs copy them.
-        mask: additive (1, G, N, N).
-        dropout: attention-probability dropout (only the math path supports it with a trainable mask).
-
-    Returns:
-        (B, G, N, d).
-    """
-    if _runs_cpu_mask_grad(qkv.device, mask, dropout):
-        return _CpuAttentionWithMaskGrad.apply(qkv, mask)
-    q, k, v = qkv.unbind(0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=1.0)
-
-
-def _cosine_factors(qkv: Tensor, scale: Tensor, dim: int) -> Tensor:
-    """[s / |q|, 1 / |k|, 1] per vector, stacked along `dim` like q, k, v in `qkv` (norms of q and k only)."""
-    inv_norm = qkv.narrow(dim, 0, 2).norm(dim=-1, keepdim=True).clamp_min_(1e-12).reciprocal_()
-    q_inv, k_inv = inv_norm.split(1, dim=dim)
-    return torch.cat((q_inv * scale, k_inv, torch.ones_like(k_inv)), dim=dim)
-
-
-class _ScaledCosineQKV(torch.autograd.Function):
-    """`factors * qkv` of `WindowAttention._cosine_qkv`, with a backward written for it.
-
-    Forward: out = [q / |q| * s, k / |k|, v] (s the per-head logit scale). Backward, per vector, from
-    the saved output and factors only: dq = (s dO_q - out_q (out_q . dO_q) / s) / |q|,
-    dk = (dO_k - out_k (out_k . dO_k)) / |k|, dv = dO_v and ds = sum (out_q . dO_q) / s, i.e. two
-    passes over the gradient where autograd's graph (multiply, cat, split, norm) takes six.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, qkv: Tensor, scale: Tensor, dim: int) -> Tensor:
-        factors = _cosine_factors(qkv, scale, dim)
-        out = factors * qkv
-        ctx.save_for_backward(out, factors, scale)
-        ctx.dim = dim
-        # qkv is a permuted view of the projection's output; a gradient in that memory layout
-        # passes back through the permute and view for free instead of being copied to it
-        ctx.grad_layout = torch.empty_like(qkv, device="meta")
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        out, factors, scale = ctx.saved_tensors
-        dim = ctx.dim
-        # out . dO for q and k only (v passes straight through)
-        dot = torch.linalg.vecdot(out.narrow(dim, 0, 2), grad.narrow(dim, 0, 2)).unsqueeze(-1)
-        q_dot, k_dot = dot.split(1, dim)
-        q_dot = q_dot / scale  # q_hat . dO_q
-        q_factor, k_factor, _ = factors.split(1, dim)  # s / |q|, 1 / |k|, 1
-        out_factor = torch.cat((q_factor * q_dot / scale, k_factor * k_dot), dim=dim)
-        layout = ctx.grad_layout
-        grad_qkv = torch.empty_strided(layout.shape, layout.stride(), dtype=grad.dtype, device=grad.device)
-        torch.mul(grad, factors, out=grad_qkv)
-        grad_qkv.narrow(dim, 0, 2).addcmul_(out.narrow(dim, 0, 2), out_factor, value=-1.0)  # v: dO_v as is
-        return grad_qkv, q_dot.sum_to_size(scale.shape), None
-
 
 class DropPath(nn.Module):
     """Module form of `drop_path` (per-sample stochastic depth)."""
@@ -454,72 +305,11 @@ class DropPath(nn.Module):
         return f"prob={self.prob}"
 
 
-class _BiasEpilogueLinear(torch.autograd.Function):
-    """`F.linear(x, weight, bias)` for 2-D float32 CPU input, the bias added inside the GEMM.
-
-    CPU `addmm` first copies the broadcast bias into the whole (M, N) output and then accumulates
-    the product onto it: one extra write and read of the output, which on a memory-bound machine
-    costs up to a third of the GEMM for the stage-0 projections. oneDNN's linear
-    (`torch.ops.mkldnn._linear_pointwise`, the kernel PyTorch's inductor uses for CPU linears) adds
-    the bias as the GEMM writes each tile. Backward is `addmm`'s: dx = dO W, dW = dO^T x, db = sum dO.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-        # x is only needed for dW: frozen weights (adapters, a frozen encoder) keep nothing extra
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad
-        return (grad.mm(weight) if needs_x else None, grad.t().mm(x) if needs_weight else None,
-                grad.sum(0) if needs_bias else None)
-
-
-def _bias_epilogue_applies(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """Whether `linear` takes `_BiasEpilogueLinear`: CPU float32 training (autograd records) of a
-    linear with a bias, oneDNN enabled, no autocast. Measured faster in a train step only (the eval
-    forward was level), so everything else stays on `F.linear`."""
-    return (bias is not None and x.device.type == "cpu"
-            and x.dtype == weight.dtype == bias.dtype == torch.float32
-            and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)
-            and _MKLDNN_LINEAR and torch.backends.mkldnn.enabled
-            and not torch.is_autocast_enabled("cpu"))
-
-
-def _has_mkldnn_linear() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._linear_pointwise.default is not None
-    except (AttributeError, RuntimeError):  # a build without oneDNN, or an older op set
-        return False
-
-
-_MKLDNN_LINEAR = _has_mkldnn_linear()
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear`, with the bias added inside the GEMM in CPU float32 training (`_BiasEpilogueLinear`)."""
-    if not _bias_epilogue_applies(x, weight, bias):
-        return F.linear(x, weight, bias)
-    out = _BiasEpilogueLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, same state-dict keys, a LoRA target for peft) running `linear`."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight, self.bias)
-
-
-class QKVLinear(Linear):
+class QKVLinear(nn.Linear):
     """One fused q/k/v projection (C -> 3C) with learnable q and v biases and no k bias.
 
-    A real `nn.Linear` subclass so that peft can wrap it as a LoRA target while the biases stay
-    fused into one GEMM (`linear` with the [q_bias, 0, v_bias] vector).
+    An `nn.Linear` subclass so that peft can wrap it as a LoRA target, while the biases stay in one
+    GEMM (the [q_bias, 0, v_bias] vector).
     """
 
     def __init__(self, dim: int, bias: bool = True) -> None:
@@ -532,7 +322,7 @@ class QKVLinear(Linear):
         qkv_bias = None
         if self.q_bias is not None:
             qkv_bias = torch.cat((self.q_bias, torch.zeros_like(self.q_bias), self.v_bias))
-        return linear(x, self.weight, qkv_bias)
+        return F.linear(x, self.weight, qkv_bias)
 
 
 class WindowAttention(nn.Module):
@@ -558,7 +348,7 @@ class WindowAttention(nn.Module):
         self.cpb_mlp = nn.Sequential(nn.Linear(2, CPB_HIDDEN), nn.ReLU(inplace=True),
                                      nn.Linear(CPB_HIDDEN, num_heads, bias=False))
         self.qkv = QKVLinear(dim, bias=qkv_bias)
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         # Input-independent geometry; recomputed from the window, so never saved.
         self.register_buffer("relative_coords_table", relative_coords_table(window, pretrained_window),
@@ -572,136 +362,56 @@ class WindowAttention(nn.Module):
         bias = table.view(-1, self.num_heads)[self.relative_position_index.view(-1)].view(n, n, -1)
         return 16 * torch.sigmoid(bias.permute(2, 0, 1).contiguous())
 
+    def cosine_factors(self, qkv: Tensor) -> Tensor:
+        """[s / |q|, 1 / |k|, 1] for q, k, v stacked on dim 0 (s the clamped, exponentiated logit
+        scale): `qkv * factors` is `F.normalize(q) * s`, `F.normalize(k)`, v.
+
+        Args:
+            qkv: (3, B, nW, h, N, d).
+
+        Returns:
+            (3, B, nW, h, N, 1).
+        """
+        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (h, 1, 1)
+        inv_norm = 1.0 / qkv[:2].norm(dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize's eps
+        return torch.cat((inv_norm[:1] * scale, inv_norm[1:], torch.ones_like(inv_norm[1:])))
+
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
         """Attend within windows.
 
         Args:
             x: (B, nW, N, C) windows.
-            attn_mask: additive mask broadcastable to (B, nW * h, N, N): (1, h, N, N) when all
-                windows share it (no shift) or (1, nW * h, N, N).
+            attn_mask: additive, (1, h, N, N) when every window shares it (no shift), else
+                (1, nW * h, N, N) (see `SwinV2Block.attention_mask`).
 
         Returns:
             (B, nW, N, C).
         """
         b, nw, n, c = x.shape
         h, d = self.num_heads, c // self.num_heads
-        qkv = self.qkv(x).view(b, nw, n, 3, h, d)
+        qkv = self.qkv(x).view(b, nw, n, 3, h, d).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
+        qkv = self.cosine_factors(qkv) * qkv  # one write, laid out head-major like the factors
+        # A shared mask: windows are the batch. A mask per window: windows fold into the heads axis,
+        # so one (1, nW * h, N, N) mask broadcasts over the batch instead of being materialised B times.
+        groups = (b * nw, h) if attn_mask.shape[1] == h else (b, nw * h)
         dropout = self.attn_drop if self.training else 0.0
-        shared_mask = attn_mask.shape[1] == h
-        if shared_mask and not _runs_cpu_mask_grad(x.device, attn_mask, dropout):
-            # One mask for every window: windows are the batch. q, k, v stay token-major strided
-            # views (no transpose copies) and the fused kernel's output is token-major too.
-            qkv = self._cosine_qkv(qkv, dim_of_qkv=3).view(b * nw, n, 3, h, d).permute(2, 0, 3, 1, 4)
-            out = scaled_dot_product_attention(qkv, attn_mask, dropout).transpose(1, 2)  # (B*nW, N, h, d)
-        else:
-            # Head-major q, k, v, which the normalising multiply writes directly. With a mask per
-            # window, windows fold into the "heads" axis so the 4-D kernel broadcasts one
-            # (1, nW * h, N, N) mask over the batch instead of materialising B copies of it. CPU
-            # training's attention runs plain GEMMs, which would copy token-major views to this
-            # layout on every use (twice forward, twice more backward).
-            qkv = self._cosine_qkv(qkv.permute(3, 0, 1, 4, 2, 5), dim_of_qkv=0)  # (3, B, nW, h, N, d)
-            groups = (b * nw, h) if shared_mask else (b, nw * h)
-            out = scaled_dot_product_attention(qkv.view(3, *groups, n, d), attn_mask, dropout)
-            out = out.view(b, nw, h, n, d).transpose(2, 3)
-        return self.proj_drop(self.proj(out.reshape(b, nw, n, c)))
-
-    def _cosine_qkv(self, qkv: Tensor, dim_of_qkv: int) -> Tensor:
-        """Scaled cosine attention inputs in one multiply: q / |q| * logit scale, k / |k|, v.
-
-        Args:
-            qkv: q, k, v stacked along `dim_of_qkv` (size 3), heads on dim -2 or -3, head dim last.
-            dim_of_qkv: 3 for token-major (B, nW, N, 3, h, d); 0 for head-major (3, B, nW, h, N, d).
-
-        Returns:
-            Same shape, laid out like the broadcast factors, i.e. contiguous in `qkv`'s logical order.
-            Token-major without gradient, `qkv` itself, scaled in place (it is the projection's
-            fresh output, already in that layout).
-        """
-        scale = torch.clamp(self.logit_scale, max=LOGIT_SCALE_MAX).exp()  # (h, 1, 1)
-        if dim_of_qkv == 3:
-            scale = scale.view(-1, 1)  # heads sit on dim -2 in token-major order
-            needs_grad = torch.is_grad_enabled() and (qkv.requires_grad or scale.requires_grad)
-            if not needs_grad and not self.qkv._forward_hooks:  # a hook may have kept the raw output
-                return qkv.mul_(_cosine_factors(qkv, scale, dim_of_qkv))
-        return _ScaledCosineQKV.apply(qkv, scale, dim_of_qkv)
-
-
-class _GeluMlp(torch.autograd.Function):
-    """fc2(gelu(fc1(x))) for 2-D float32 CPU input, as one autograd node.
-
-    Both linears are `_BiasEpilogueLinear`'s oneDNN kernel. What fusing buys is the backward: the
-    gradient of the activation is a buffer this function allocated itself (dO W2), so GELU's
-    backward overwrites it instead of writing a second (M, 4C) buffer. Saved: x (for dW1), the
-    pre-activation, the activation (for dW2), exactly what the three separate nodes keep; an input
-    of a frozen weight's gradient is not kept.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, fc1_weight: Tensor, fc1_bias: Tensor, fc2_weight: Tensor, fc2_bias: Tensor,
-                approximate: str) -> Tensor:
-        hidden = torch.ops.mkldnn._linear_pointwise(x, fc1_weight, fc1_bias, "none", [], "")
-        activated = F.gelu(hidden, approximate=approximate)
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, fc1_weight, hidden,
-                              activated if ctx.needs_input_grad[3] else None, fc2_weight)
-        ctx.approximate = approximate
-        return torch.ops.mkldnn._linear_pointwise(activated, fc2_weight, fc2_bias, "none", [], "")
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, fc1_weight, hidden, activated, fc2_weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        fc2_grads = (grad.t().mm(activated) if needs[3] else None, grad.sum(0) if needs[4] else None)
-        grad_hidden = grad.mm(fc2_weight)
-        torch.ops.aten.gelu_backward.grad_input(grad_hidden, hidden, approximate=ctx.approximate,
-                                                grad_input=grad_hidden)
-        return (grad_hidden.mm(fc1_weight) if needs[0] else None, grad_hidden.t().mm(x) if needs[1] else None,
-                grad_hidden.sum(0) if needs[2] else None, *fc2_grads, None)
+        out = cpu_kernels.attention(qkv.view(3, *groups, n, d), attn_mask, dropout)  # (B', G, N, d)
+        out = out.view(b, nw, h, n, d).transpose(2, 3).reshape(b, nw, n, c)
+        return self.proj_drop(self.proj(out))
 
 
 class Mlp(nn.Module):
-    """fc1 -> activation -> fc2 -> dropout, on (..., C).
-
-    In CPU float32 training with GELU, runs as `_GeluMlp` while the three parts are this module's
-    own (not wrapped, e.g. by a peft LoRA layer, and without hooks, which must see each output).
-    """
+    """fc1 -> activation -> fc2 -> dropout, on (..., C)."""
 
     def __init__(self, dim: int, hidden: int, act: str = "gelu", drop: float = 0.0) -> None:
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
+        self.fc1 = nn.Linear(dim, hidden)
         self.act = _ACTIVATIONS[act]()
-        self.fc2 = Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._runs_fused(x):
-            flat = _GeluMlp.apply(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                                  self.fc2.bias, self.act.approximate)
-            return self.drop(flat.view(*x.shape[:-1], flat.shape[-1]))
-        hidden = self.fc1(x)
-        # With no gradient to keep the pre-activation for, activate in place: no second (B, L, 4C)
-        # buffer to allocate and fault in, which cost as much as the activation itself.
-        hidden = self.act(hidden) if hidden.requires_grad else _activate_(self.act, hidden)
-        return self.drop(self.fc2(hidden))
-
-    def _runs_fused(self, x: Tensor) -> bool:
-        """Whether `forward` takes `_GeluMlp` (see the class docstring)."""
-        parts = (self.fc1, self.act, self.fc2)
-        return (type(self.fc1) is Linear and type(self.fc2) is Linear and type(self.act) is nn.GELU
-                and not any(m._forward_hooks or m._forward_pre_hooks for m in parts)
-                and _bias_epilogue_applies(x, self.fc1.weight, self.fc1.bias)
-                and self.fc2.bias is not None and self.fc2.weight.dtype == self.fc2.bias.dtype == torch.float32)
-
-
-def _activate_(act: nn.Module, x: Tensor) -> Tensor:
-    """`act(x)` written into `x` for the activations of `_ACTIVATIONS`."""
-    if isinstance(act, nn.GELU):
-        return torch.ops.aten.gelu_(x, approximate=act.approximate)
-    if isinstance(act, nn.ReLU):
-        return x.relu_()
-    if isinstance(act, nn.SiLU):
-        return F.silu(x, inplace=True)
-    return act(x)
+        return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
 class SwinV2Block(nn.Module):
@@ -729,84 +439,68 @@ class SwinV2Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.hidden_act, cfg.drop_rate)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.drop_path = DropPath(drop_path_prob)
-        self._shift_masks: dict[tuple, Tensor] = {}
-        self._token_indices: dict[tuple, tuple[_RowGather, _RowGather]] = {}
-        self._mask_cache: dict[tuple, Tensor] = {}
+        self._shift_mask: tuple[tuple, Tensor] | None = None
+        self._token_rows: dict[tuple, tuple[Tensor, Tensor, Tensor | None]] = {}
 
-    # -- masks ---------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "SwinV2Block":
-        # A cached (detached) mask must never leak into training; drop it on every mode switch.
-        self._mask_cache.clear()
-        return super().train(mode)
-
-    def _shift_mask(self, height: int, width: int, ref: Tensor) -> Tensor:
-        """(nW, 1, N, N) shift-region mask; depends on no weights, so it is always cached."""
-        key = (height, width, ref.device, ref.dtype)
-        if key not in self._shift_masks:
-            mask = shift_region_mask(height, width, self.window, self.shift, self.mask_value, ref.device, ref.dtype)
-            self._shift_masks = {key: mask.unsqueeze(1)}
-        return self._shift_masks[key]
-
-    def _build_mask(self, height: int, width: int, ref: Tensor) -> Tensor:
-        """Position bias plus shift mask: (1, h, N, N) without shift, else (1, nW * h, N, N)."""
-        bias = self.attn.position_bias().to(ref.dtype)  # (h, N, N)
-        if not self.shift:
-            return bias.unsqueeze(0)
-        n = bias.shape[-1]
-        return (bias.unsqueeze(0) + self._shift_mask(height, width, ref)).reshape(1, -1, n, n)
-
-    def _bias_version(self) -> tuple:
-        return tuple((p.data_ptr(), p._version) for p in self.attn.cpb_mlp.parameters())
+    def padded(self, height: int, width: int) -> tuple[int, int]:
+        """A (height, width) map's size once padded to a window multiple."""
+        return height + (-height) % self.window, width + (-width) % self.window
 
     def attention_mask(self, height: int, width: int, ref: Tensor) -> Tensor:
-        """The SDPA mask for a padded (height, width) map, cached when no gradient can need it."""
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.attn.cpb_mlp.parameters())
-        if self.training or needs_grad:
-            return self._build_mask(height, width, ref)
-        key = (height, width, ref.device, ref.dtype, self._bias_version())
-        mask = self._mask_cache.get(key)
-        if mask is None:
-            mask = self._build_mask(height, width, ref).detach()
-            self._mask_cache = {key: mask}  # one shape at a time: bounded memory
-        return mask
+        """Position bias plus shift mask for a (height, width) map: (1, h, N, N) without shift,
+        else (1, nW * h, N, N). Computed from the weights on every call (it carries their gradient)."""
+        bias = self.attn.position_bias().to(ref.dtype).unsqueeze(0)  # (1, h, N, N)
+        if not self.shift:
+            return bias
+        hp, wp = self.padded(height, width)
+        key = (hp, wp, ref.device, ref.dtype)
+        if self._shift_mask is None or self._shift_mask[0] != key:  # depends on no weights: kept
+            mask = shift_region_mask(hp, wp, self.window, self.shift, self.mask_value, ref.device, ref.dtype)
+            self._shift_mask = (key, mask.unsqueeze(1))
+        n = bias.shape[-1]
+        return (bias + self._shift_mask[1]).view(1, -1, n, n)
 
-    # -- forward -------------------------------------------------------------------------------
-    def _token_gathers(self, batch: int, height: int, width: int, device: torch.device) -> tuple[_RowGather, _RowGather]:
-        """(map -> windows, windows -> map) row gathers for this block's window and shift, cached.
+    def token_rows(self, batch: int, height: int, width: int, device: torch.device) -> tuple[Tensor, ...]:
+        """Row indices that turn a flattened (B * H * W, C) map into windows and back.
 
-        They depend on no weights; a few batch sizes are kept (sub-batches of a stage differ).
+        Returns:
+            to_windows: (B * L,) source row of every window token (L = padded tokens per image).
+            to_map: (B * H * W,) row of every map token among the window tokens.
+            padding: (B * L, 1) True on padding rows, or None without padding.
         """
         key = (batch, height, width, device)
-        if key not in self._token_indices:
+        if key not in self._token_rows:
             gather, scatter = window_token_index(height, width, self.window, self.shift)
-            gather, scatter = gather.to(device), scatter.to(device)
-            if len(self._token_indices) >= 4:
-                self._token_indices.clear()
-            self._token_indices[key] = (_RowGather.build(gather, batch, height * width),
-                                        _RowGather.build(scatter, batch, gather.numel()))
-        return self._token_indices[key]
+            tokens, length = height * width, gather.numel()
+            offsets = torch.arange(batch)[:, None]
+            pad = gather == tokens
+            to_windows = (offsets * tokens + gather.masked_fill(pad, 0)).flatten()
+            to_map = (offsets * length + scatter).flatten()
+            padding = pad.expand(batch, -1).reshape(-1, 1).to(device) if bool(pad.any()) else None
+            if len(self._token_rows) >= 4:  # a few batch sizes (sub-batches differ): bounded memory
+                self._token_rows.clear()
+            self._token_rows[key] = (to_windows.to(device), to_map.to(device), padding)
+        return self._token_rows[key]
 
-    def _shifted_window_attention(self, x: Tensor) -> Tensor:
-        """Pad to the window, roll, attend per window, unroll, crop: (B, H, W, C) -> same.
+    def shifted_window_attention(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        """Pad to the window, roll, attend per window, roll back, crop: (B, H, W, C) -> same.
 
-        Pad + roll + partition is one gather and its inverse one more (`window_token_index`).
+        Pad + roll + window partition is one row gather (`window_token_index`) and its inverse one more.
         """
         b, height, width, c = x.shape
-        hp, wp = height + (-height) % self.window, width + (-width) % self.window
-        to_windows, to_map = self._token_gathers(b, height, width, x.device)
-        windows = _PermuteTokens.apply(x.reshape(b * height * width, c), to_windows, to_map)
-        out = self.attn(windows.view(b, -1, self.window * self.window, c), self.attention_mask(hp, wp, x))
-        out = _PermuteTokens.apply(out.reshape(b * hp * wp, c), to_map, to_windows)
-        return out.view(b, height, width, c)
+        to_windows, to_map, padding = self.token_rows(b, height, width, x.device)
+        windows = x.reshape(-1, c).index_select(0, to_windows)
+        if padding is not None:
+            windows = windows.masked_fill(padding, 0.0)
+        out = self.attn(windows.view(b, -1, self.window * self.window, c), attn_mask)
+        return out.reshape(-1, c).index_select(0, to_map).view(b, height, width, c)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, H, W, C) -> (B, H, W, C)."""
-        # the residual is added into the normalised branch, a fresh tensor that no backward reads
-        # (unless a forward hook on the norm kept it: then out of place)
-        branch = self.drop_path(self.norm1(self._shifted_window_attention(x)))
-        x = x + branch if self.norm1._forward_hooks else branch.add_(x)
-        branch = self.drop_path(self.norm2(self.mlp(x)))
-        return x + branch if self.norm2._forward_hooks else branch.add_(x)
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """(B, H, W, C) -> (B, H, W, C); `attn_mask` from `attention_mask` (computed here if None)."""
+        if attn_mask is None:
+            attn_mask = self.attention_mask(x.shape[1], x.shape[2], x)
+        x = x + self.drop_path(self.norm1(self.shifted_window_attention(x, attn_mask)))
+        return x + self.drop_path(self.norm2(self.mlp(x)))
 
 
 class PatchMerging(nn.Module):
@@ -856,39 +550,38 @@ class SwinV2Stage(nn.Module):
             for i in range(depth)])
         self.downsample = PatchMerging(dim) if downsample else None
         self.grad_checkpointing = False
-        self.chunk_bytes = None if cfg.chunk_mib is None else cfg.chunk_mib * 2**20
-        self.hidden = self.blocks[0].mlp.fc1.out_features if depth else dim
+        self.chunk_mib = cfg.chunk_mib
+        self.hidden = int(dim * cfg.mlp_ratio)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(B, H, W, C) -> (stage output (B, H, W, C), next stage input (B, H', W', C')).
 
-        Runs on sub-batches of whole images when the batch's MLP activation exceeds `chunk_mib`.
+        Runs on sub-batches of whole images when the batch's MLP activation exceeds the sub-batch
+        size (`SwinV2Config.chunk_mib`, resolved for `x`'s device by `sub_batch_mib`).
         """
         b, h, w, _ = x.shape
+        mib = sub_batch_mib(self.chunk_mib, x.device)
         per_image = h * w * self.hidden * x.element_size()
-        images = b if self.chunk_bytes is None else max(1, int(self.chunk_bytes // per_image))
+        images = b if mib is None else max(1, int(mib * 2**20 // per_image))
+        masks = [block.attention_mask(h, w, x) for block in self.blocks]  # once, shared by sub-batches
         if images >= b:
-            return self._forward(x)
-        parts = [self._forward(part) for part in x.split(images)]
+            return self._forward(x, masks)
+        parts = [self._forward(part, masks) for part in x.split(images)]
         out = torch.cat([p[0] for p in parts])
         return out, (torch.cat([p[1] for p in parts]) if self.downsample is not None else out)
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        for block in self.blocks:
+    def _forward(self, x: Tensor, masks: list[Tensor]) -> tuple[Tensor, Tensor]:
+        for block, mask in zip(self.blocks, masks):
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, mask, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, mask)
         return x, (self.downsample(x) if self.downsample is not None else x)
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping patch projection then LayerNorm; pads the image to a patch multiple.
-
-    The projection keeps the checkpoints' Conv2d parameter, but runs as what a convolution with
-    stride == kernel is: one GEMM over the flattened patches, whose output is already channels-last.
-    The convolution would produce NCHW and cost a layout copy of the (B, h, w, C) map both ways.
-    """
+    """Non-overlapping patch projection (a stride == kernel convolution) then LayerNorm; pads the
+    image to a patch multiple."""
 
     def __init__(self, patch_size: int, in_chans: int, dim: int) -> None:
         super().__init__()
@@ -902,21 +595,7 @@ class PatchEmbed(nn.Module):
         pad_b, pad_r = (-x.shape[2]) % p, (-x.shape[3]) % p
         if pad_b or pad_r:
             x = F.pad(x, (0, pad_r, 0, pad_b))
-        if not self._projection_is_patch_gemm():
-            return self.norm(self.proj(x).permute(0, 2, 3, 1))
-        b, c, h, w = x.shape
-        # (B, C_in, h, p, w, p) -> (B, h, w, C_in, p, p): each patch flattened like the kernel
-        patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h // p, w // p, -1)
-        weight = self.proj.weight
-        return self.norm(linear(patches, weight.reshape(weight.shape[0], -1), self.proj.bias))
-
-    def _projection_is_patch_gemm(self) -> bool:
-        """Whether `proj` is still the plain stride == kernel convolution built here. A wrapped or
-        hooked one (a peft adapter, a feature hook) or a reconfigured one runs as a module."""
-        conv, p = self.proj, self.patch_size
-        return (type(conv) is nn.Conv2d and conv.kernel_size == conv.stride == (p, p) and conv.padding == (0, 0)
-                and conv.dilation == (1, 1) and conv.groups == 1 and not conv._forward_hooks
-                and not conv._forward_pre_hooks)
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
 class SwinTransformerV2(nn.Module):
