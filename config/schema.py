@@ -113,7 +113,6 @@ class StageConfig:
 class TrainConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    eval_every_epoch: bool = True
     early_stopping_patience: int | None = None
     save_every_steps: int | None = None
     keep_last_checkpoints: int = 2

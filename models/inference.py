@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.dataset import load_pixel_values
 from data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, to_rgb
 from data.transforms import preprocess
-from models.encoders import ImagePreprocessing
+from data.preprocessing import ImagePreprocessing
 from models.internvl2 import InternVL2MultimodalModel
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]

@@ -60,7 +60,7 @@ from data.manifest import load_records  # noqa: E402
 from data.synth.scene import render_scene  # noqa: E402
 from data.transforms import preprocess  # noqa: E402
 from models.build import build_model  # noqa: E402
-from models.encoders import ImagePreprocessing  # noqa: E402
+from data.preprocessing import ImagePreprocessing  # noqa: E402
 from models.inference import DEVICES, ReceiptCounter  # noqa: E402
 from models.internvl2 import InternVL2MultimodalModel  # noqa: E402
 from models.tiny import write_tiny_checkpoints  # noqa: E402

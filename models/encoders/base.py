@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from data.preprocessing import ImagePreprocessing
+
 
 class EncoderUnavailableError(RuntimeError):
     """The encoder could not be built (missing or unreadable weights, bad config, import error).
@@ -22,35 +24,6 @@ class EncoderUnavailableError(RuntimeError):
     This is the only error that may trigger `model.vision.fallback`. Shape and dimension
     mismatches raise other errors and never fall back.
     """
-
-
-@dataclass(frozen=True)
-class ImagePreprocessing:
-    """How images must be prepared for an encoder.
-
-    Attributes:
-        size: target (height, width) in pixels.
-        mean: per-channel RGB mean, applied after scaling pixels to [0, 1].
-        std: per-channel RGB std.
-        resize: "pad" keeps the aspect ratio and pads to `size` (tall receipts are not squashed);
-            "resize" stretches to `size`.
-        pad_value: RGB fill (0-255) for the padded border.
-    """
-
-    size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: str = "pad"
-    pad_value: tuple[int, int, int] = (255, 255, 255)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize, "pad_value": list(self.pad_value)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ImagePreprocessing":
-        return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   resize=d.get("resize", "pad"), pad_value=tuple(d.get("pad_value", (255, 255, 255))))
 
 
 @dataclass(frozen=True)
@@ -79,7 +52,7 @@ class EncoderOutput:
 
 
 class VisionEncoder(nn.Module, abc.ABC):
-    """Abstract adapter. Subclasses register with `models.encoders.registry.register_encoder`.
+    """Abstract adapter. Each adapter is listed once, in `models.encoders.registry.ENCODERS`.
 
     Modules never freeze themselves and never run under `torch.no_grad()`: trainability is decided
     once, outside, by the training policy through `parameter_groups()`.

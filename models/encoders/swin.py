@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, SwinConfig, SwinModel, Swinv2Config, Swinv2Model
 
-from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing
+from data.preprocessing import ImagePreprocessing
+from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo
 from models.encoders.hf_loading import HFBackboneEncoder, checkpoint_preprocessing, make_config, read_config_dict
 
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 from transformers import Swinv2Config, Swinv2Model
 
-from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing, VisionEncoder
+from data.preprocessing import ImagePreprocessing
+from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, VisionEncoder
 from models.encoders.hf_loading import checkpoint_preprocessing, make_config
 from models.encoders.swin import load_hf_swin, swin_parameter_groups
 from models.swinv2 import SwinTransformerV2, config_from_transformers, from_transformers
