@@ -29,6 +29,11 @@ class VisionConfig:
     requested_encoder: str | None = None
     fallback_cause: str | None = None
 
+    def encoder_record(self) -> dict[str, Any]:
+        """What every metrics file records about the encoder: the one used, the one asked for, why they differ."""
+        return {"encoder": self.encoder, "requested_encoder": self.requested_encoder,
+                "fallback_cause": self.fallback_cause}
+
 
 @dataclass
 class ProjectorConfig:

@@ -13,14 +13,16 @@ import torch
 
 from config import load_config
 from config.schema import Config
-from models.encoders import encoder_names
+from models.encoders import get_encoder_class
 from models.tiny import write_tiny_checkpoints
 
 REPO = Path(__file__).parents[1]
 
-# Which tiny checkpoint folder each registered encoder loads from. A newly registered encoder must be
-# added here, or every registry-wide test fails loudly.
-ENCODER_CHECKPOINT = {"internvit": "internvl2", "swin": "swin", "swinv2": "swinv2", "swinv2_inhouse": "swinv2"}
+
+
+def tiny_checkpoint(tiny: dict[str, Path], encoder: str) -> Path:
+    """The tiny checkpoint folder `encoder` loads from, as its adapter's recipe declares."""
+    return tiny[get_encoder_class(encoder).recipe.tiny_checkpoint]
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +38,9 @@ def _seed_and_quiet() -> None:
 
 def make_config(tiny: dict[str, Path], encoder: str, *overrides: str) -> Config:
     """The base config with `encoder` loaded from its tiny checkpoint, plus overrides."""
-    assert set(encoder_names()) <= set(ENCODER_CHECKPOINT), "add new encoders to ENCODER_CHECKPOINT"
     return load_config(Path(__file__).parents[1] / "config" / "base.yaml", [
         f"model.vision.encoder={encoder}",
-        f"model.vision.checkpoint={tiny[ENCODER_CHECKPOINT[encoder]]}",
+        f"model.vision.checkpoint={tiny_checkpoint(tiny, encoder)}",
         f"model.language.checkpoint={tiny['internvl2']}",
         *overrides,
     ])
@@ -57,7 +58,7 @@ def receipts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_args(tiny: dict[str, Path], receipts: Path, out: Path, *extra: str) -> list[str]:
     """`python -m train` arguments for the tiny Swin V2 run on `receipts`, one epoch per stage, plus overrides."""
-    sets = ["model.vision.encoder=swinv2", f"model.vision.checkpoint={tiny[ENCODER_CHECKPOINT['swinv2']]}",
+    sets = ["model.vision.encoder=swinv2", f"model.vision.checkpoint={tiny_checkpoint(tiny, 'swinv2')}",
             f"model.language.checkpoint={tiny['internvl2']}", "model.vision.image_size=[64, 64]",
             f"data.train={receipts / 'train'}", f"data.val={receipts / 'val'}", f"data.test={receipts / 'test'}",
             "data.batch_size=4", "data.eval_batch_size=4", f"output_dir={out}",

@@ -420,9 +420,7 @@ class Trainer:
                 "confusion_matrix": counts.tolist()}
 
     def _encoder_record(self) -> dict[str, Any]:
-        vision = self.model.config.vision
-        return {"encoder": vision.encoder, "requested_encoder": vision.requested_encoder,
-                "fallback_cause": vision.fallback_cause}
+        return self.model.config.vision.encoder_record()
 
     def export(self, name: str, evaluation: dict[str, Any] | None = None) -> Path | None:
         """Write the self-describing model folder RUN/name/ (LoRA merged), the run's resolved config, and a

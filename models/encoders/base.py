@@ -27,6 +27,31 @@ class EncoderUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class EncoderRecipe:
+    """What an adapter declares so that tests, demos and benchmarks need no per-encoder table.
+
+    Attributes:
+        tiny_checkpoint: the `models.tiny.write_tiny_checkpoints` folder (by name) it loads in tests,
+            the demo and the encoder A/B comparison.
+        tiny_config: a random-init backbone config small enough for a unit test (a few thousand
+            parameters, inputs of 56-224 px).
+        benchmark_config: a random-init config matched in depth, width and cost to the other encoders'
+            (12 blocks, about 6 M parameters), for scripts/benchmark.py's scaling table.
+        real_checkpoint: the hub id of the real weights it pairs with.
+        real_config: that checkpoint's backbone config, for random-weight runs at real shapes.
+        pixel_shuffle: the token merge the whole-model benchmarks put before the LLM (InternVL merges
+            2 x 2 ViT tokens; a Swin's last stage is coarse already).
+    """
+
+    tiny_checkpoint: str
+    tiny_config: dict[str, Any]
+    benchmark_config: dict[str, Any]
+    real_checkpoint: str
+    real_config: dict[str, Any]
+    pixel_shuffle: int = 1
+
+
+@dataclass(frozen=True)
 class FeatureInfo:
     """One stage of an encoder: output channels and stride (input pixels per token side)."""
 
@@ -59,6 +84,10 @@ class VisionEncoder(nn.Module, abc.ABC):
     """
 
     name: ClassVar[str]
+    recipe: ClassVar[EncoderRecipe]
+    # True for InternVL2's own tower: its weights (and a matching projector) live in the language
+    # checkpoint, so the builder hands over the loaded tower and reuses the checkpoint's projector.
+    in_language_checkpoint: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod
