@@ -60,12 +60,12 @@ from data.synth.scene import render_scene  # noqa: E402
 from data.transforms import preprocess  # noqa: E402
 from models.build import build_model  # noqa: E402
 from data.preprocessing import ImagePreprocessing  # noqa: E402
-from models.encoders import encoder_names, get_encoder_class  # noqa: E402
+from models.encoders import encoder_names  # noqa: E402
 from models.inference import DEVICES, ReceiptCounter  # noqa: E402
 from models.internvl2 import InternVL2MultimodalModel  # noqa: E402
 from models.measure import (child_pids, markdown_table, parse_size, percentile, quiet_and_threaded, rss_mib,  # noqa: E402
                             seconds_per_call)
-from models.tiny import write_tiny_checkpoints  # noqa: E402
+from models.tiny import tiny_vision_overrides, write_tiny_checkpoints  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +74,8 @@ def export_demo_model(encoder: str, work: Path) -> Path:
     """Tiny checkpoints -> demo model with `encoder` -> exported folder (what training's final/ holds)."""
     tiny = write_tiny_checkpoints(work / "tiny", seed=0)
     config = load_config(ROOT / "config" / "base.yaml", [
-        f"model.vision.encoder={encoder}", f"model.vision.checkpoint={tiny[get_encoder_class(encoder).recipe.tiny_checkpoint]}",
-        f"model.language.checkpoint={tiny['internvl2']}", "model.vision.fallback=null"])
+        *tiny_vision_overrides(encoder, work / "tiny"), f"model.language.checkpoint={tiny['internvl2']}",
+        "model.vision.fallback=null"])
     return build_model(config.model).save_pretrained(work / "export")
 
 

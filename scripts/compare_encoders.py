@@ -65,9 +65,10 @@ from config import Config, config_differences, load_config  # noqa: E402
 from config.loader import ConfigError  # noqa: E402
 from data.dataset import load_pixel_values  # noqa: E402
 from data.manifest import load_records  # noqa: E402
-from models.encoders import encoder_names, get_encoder_class  # noqa: E402
+from models.encoders import encoder_names  # noqa: E402
 from models.inference import ReceiptCounter, prediction_metrics  # noqa: E402
 from models.measure import machine_info, markdown_table, seconds_per_call  # noqa: E402
+from models.tiny import tiny_vision_overrides  # noqa: E402
 
 BUDGET = ROOT / "config" / "compare" / "budget.yaml"
 TINY_CHECKPOINTS = "checkpoints/tiny"  # relative to the repository, where the training child runs
@@ -111,9 +112,8 @@ def encoder_plans(encoders: list[str], overrides: list[str], out: Path) -> list[
     fallback = load_config(BUDGET).model.vision.fallback
     plans = []
     for name in encoders:
-        vision = [f"model.vision.encoder={name}",
-                  f"model.vision.checkpoint={TINY_CHECKPOINTS}/{get_encoder_class(name).recipe.tiny_checkpoint}"]
-        vision += ["model.vision.fallback=null"] if name == fallback else []
+        vision = tiny_vision_overrides(name, TINY_CHECKPOINTS) + (["model.vision.fallback=null"] if name == fallback
+                                                                  else [])
         plans.append(_plan(name, BUDGET, [*vision, *overrides], out))
     return plans
 

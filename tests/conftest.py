@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from config import load_config
 from config.schema import Config
-from models.encoders import get_encoder_class
-from models.tiny import write_tiny_checkpoints
+from models.encoders import VisionEncoder, get_encoder_class
+from models.tiny import tiny_vision_overrides, write_tiny_checkpoints
 
 REPO = Path(__file__).parents[1]
 
@@ -22,7 +24,26 @@ REPO = Path(__file__).parents[1]
 
 def tiny_checkpoint(tiny: dict[str, Path], encoder: str) -> Path:
     """The tiny checkpoint folder `encoder` loads from, as its adapter's recipe declares."""
-    return tiny[get_encoder_class(encoder).recipe.tiny_checkpoint]
+    folder = get_encoder_class(encoder).recipe.tiny_checkpoint
+    assert folder is not None, f"encoder {encoder!r} has no tiny checkpoint (its recipe builds it at random)"
+    return tiny[folder]
+
+
+def build_tiny_encoder(tiny: dict[str, Path], encoder: str, size: tuple[int, int] = (224, 224)) -> VisionEncoder:
+    """`encoder` on its tiny checkpoint, or at random from its recipe's tiny config when it has none."""
+    cls = get_encoder_class(encoder)
+    if cls.recipe.tiny_checkpoint is None:
+        return cls.build(None, dict(cls.recipe.tiny_config), size)
+    return cls.build(str(tiny[cls.recipe.tiny_checkpoint]), {}, size)
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py as a module (scripts are not a package: they are command-line wrappers)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -39,8 +60,7 @@ def _seed_and_quiet() -> None:
 def make_config(tiny: dict[str, Path], encoder: str, *overrides: str) -> Config:
     """The base config with `encoder` loaded from its tiny checkpoint, plus overrides."""
     return load_config(Path(__file__).parents[1] / "config" / "base.yaml", [
-        f"model.vision.encoder={encoder}",
-        f"model.vision.checkpoint={tiny_checkpoint(tiny, encoder)}",
+        *tiny_vision_overrides(encoder, tiny["internvl2"].parent),
         f"model.language.checkpoint={tiny['internvl2']}",
         *overrides,
     ])

@@ -3,11 +3,8 @@ budget checks, token counts, and tiny benchmark runs end to end over the registr
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
@@ -15,17 +12,9 @@ import torch
 from models.build import build_model
 from models.encoders import encoder_names, get_encoder_class
 from models.measure import markdown_table, parse_size, size_label
-from tests.conftest import make_config
+from tests.conftest import load_script, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 compare = load_script("compare_encoders")

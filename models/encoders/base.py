@@ -32,7 +32,7 @@ class EncoderRecipe:
 
     Attributes:
         tiny_checkpoint: the `models.tiny.write_tiny_checkpoints` folder (by name) it loads in tests,
-            the demo and the encoder A/B comparison.
+            the demo and the encoder A/B comparison; None: those build it at random from `tiny_config`.
         tiny_config: a random-init backbone config small enough for a unit test (a few thousand
             parameters, inputs of 56-224 px).
         benchmark_config: a random-init config matched in depth, width and cost to the other encoders'
@@ -43,7 +43,7 @@ class EncoderRecipe:
             2 x 2 ViT tokens; a Swin's last stage is coarse already).
     """
 
-    tiny_checkpoint: str
+    tiny_checkpoint: str | None
     tiny_config: dict[str, Any]
     benchmark_config: dict[str, Any]
     real_checkpoint: str
