@@ -35,6 +35,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging as hf_logging
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+# The same pin for a child process, through glibc's environment tunables (and no trimming delay).
+MALLOC_PIN_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 # ------------------------------------------------------------------------------------------ timing

@@ -41,7 +41,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.measure import alternate_timings, count_flops, matmul_gflops, peak_memory_mib  # noqa: E402
+from models.measure import MALLOC_PIN_ENV, alternate_timings, count_flops, matmul_gflops, peak_memory_mib  # noqa: E402
 from models.swinv2 import from_transformers  # noqa: E402
 
 TINY_SHAPE = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], image_size=256)
@@ -108,7 +108,7 @@ def memory_child(impl: str, window: int, batch: int, threads: int) -> None:
 
 
 def peak_memory(impl: str, window: int, batch: int, threads: int) -> float:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = {**os.environ, **MALLOC_PIN_ENV}
     out = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--window", str(window),
                           "--batch", str(batch), "--threads", str(threads)],
                          check=True, capture_output=True, text=True, env=env).stdout
