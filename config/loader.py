@@ -211,6 +211,37 @@ def to_dict(config: Any) -> Any:
     return config
 
 
+ABSENT = "<absent>"  # what `config_differences` reports for a key one config does not have
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists of mappings are numbered ("train.stages.0.lr"), other lists are leaves."""
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
+    if isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
+        return {k: v for i, value in enumerate(tree) for k, v in flatten(value, f"{prefix}{i}.").items()}
+    return {prefix.rstrip("."): tree}
+
+
+def config_differences(configs: dict[str, Any], ignore: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """The leaf keys whose values differ between named configs (or plain dicts), sorted.
+
+    Args:
+        configs: name -> config; compared through `to_dict` and `flatten`.
+        ignore: key prefixes left out (e.g. "model.vision").
+
+    Returns:
+        key -> {name: value, ...}, with `ABSENT` where a config lacks the key.
+    """
+    flat = {name: flatten(to_dict(c)) for name, c in configs.items()}
+    diffs = {}
+    for key in sorted({k for f in flat.values() for k in f}):
+        values = {name: f.get(key, ABSENT) for name, f in flat.items()}
+        if not key.startswith(ignore) and len({repr(v) for v in values.values()}) > 1:
+            diffs[key] = values
+    return diffs
+
+
 def save_config(config: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (written to a temp file, then renamed)."""
     path = Path(path)

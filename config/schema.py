@@ -29,6 +29,11 @@ class VisionConfig:
     requested_encoder: str | None = None
     fallback_cause: str | None = None
 
+    def encoder_record(self) -> dict[str, Any]:
+        """What every metrics file records about the encoder: the one used, the one asked for, why they differ."""
+        return {"encoder": self.encoder, "requested_encoder": self.requested_encoder,
+                "fallback_cause": self.fallback_cause}
+
 
 @dataclass
 class ProjectorConfig:
@@ -113,7 +118,6 @@ class StageConfig:
 class TrainConfig:
     stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    eval_every_epoch: bool = True
     early_stopping_patience: int | None = None
     save_every_steps: int | None = None
     keep_last_checkpoints: int = 2

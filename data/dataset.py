@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, open_image
 from data.manifest import Record
 from data.transforms import AugmentConfig, preprocess
-from models.encoders.base import ImagePreprocessing
+from data.preprocessing import ImagePreprocessing
 
 logger = logging.getLogger(__name__)
 

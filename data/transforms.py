@@ -8,7 +8,7 @@ Public API:
                   mode="pad") -> PIL.Image.Image
     preprocess(image, preprocessing, augment=None, generator=None) -> FloatTensor[3, H, W]
 
-`preprocessing` is the encoder's `models.encoders.base.ImagePreprocessing`: the target (height,
+`preprocessing` is the encoder's `data.preprocessing.ImagePreprocessing`: the target (height,
 width) may be non-square; `resize="pad"` keeps the aspect ratio and pads with `pad_value` (a long
 receipt stays long), `resize="resize"` stretches. Pixel values follow the Hugging Face image
 processor convention (`do_rescale` by 1/255, then `do_normalize` with the encoder's mean and std,
@@ -32,7 +32,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 from transformers.image_utils import PILImageResampling
 
 from data.images import fitted_size, to_rgb
-from models.encoders.base import ImagePreprocessing
+from data.preprocessing import ImagePreprocessing
 
 WHITE = (255, 255, 255)
 RESAMPLE = PILImageResampling.BICUBIC

@@ -30,7 +30,7 @@ def build_model(config: ModelConfig) -> InternVL2MultimodalModel:
     language_ckpt = config.language.checkpoint
     internvl = load_internvl(language_ckpt, config.language.trust_remote_code)
     vision, vision_config = build_vision(config.vision, internvl, language_ckpt)
-    reuse_projector = vision.name == "internvit" and vision_config.checkpoint == language_ckpt
+    reuse_projector = vision.in_language_checkpoint and vision_config.checkpoint == language_ckpt
     pixel_shuffle = _resolve_pixel_shuffle(config.projector.pixel_shuffle, internvl if reuse_projector else None)
     resolved = dataclasses.replace(config, vision=vision_config,
                                    projector=dataclasses.replace(config.projector, pixel_shuffle=pixel_shuffle))
@@ -54,7 +54,8 @@ def build_vision(config: VisionConfig, internvl: InternVLModel, language_ckpt: s
         if config.fallback is None:
             raise EncoderUnavailableError(f"{e} (model.vision.fallback is null, so nothing else is tried)") from e
         cause = str(e)
-    checkpoint = config.fallback_checkpoint or (language_ckpt if config.fallback == "internvit" else None)
+    in_language = get_encoder_class(config.fallback).in_language_checkpoint
+    checkpoint = config.fallback_checkpoint or (language_ckpt if in_language else None)
     logger.warning("vision encoder %r could not be built, falling back to %r (checkpoint %s). Cause: %s",
                    config.encoder, config.fallback, checkpoint, cause)
     encoder = _build_encoder(config.fallback, checkpoint, {}, config, internvl, language_ckpt)
@@ -66,7 +67,7 @@ def _build_encoder(name: str, checkpoint: str | None, overrides: dict, config: V
                    internvl: InternVLModel, language_ckpt: str) -> VisionEncoder:
     cls = get_encoder_class(name)
     # The InternVL2 checkpoint is already in memory: hand its tower over instead of loading it twice.
-    extra = {"source_model": internvl} if name == "internvit" and checkpoint == language_ckpt else {}
+    extra = {"source_model": internvl} if cls.in_language_checkpoint and checkpoint == language_ckpt else {}
     size = (int(config.image_size[0]), int(config.image_size[1]))
     return cls.build(checkpoint, dict(overrides), size, resize=config.resize, **extra)
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import torch
 from PIL import Image, ImageOps
@@ -29,9 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.dataset import load_pixel_values
 from data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, to_rgb
+from data.preprocessing import ImagePreprocessing
 from data.transforms import preprocess
-from models.encoders import ImagePreprocessing
 from models.internvl2 import InternVL2MultimodalModel
+from models.metrics import ECE_BINS, classification_report
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 DEVICES = ("auto", "cpu", "cuda")
@@ -260,3 +261,23 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 def _name(item: ImageInput) -> str | None:
     return os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
+
+
+def prediction_metrics(counter: "ReceiptCounter", labels: Sequence[int], predictions: Sequence[Prediction]
+                       ) -> dict[str, Any]:
+    """The metrics bundle of labelled predictions, as scripts/evaluate.py and scripts/compare_encoders.py write it.
+
+    Args:
+        labels: the true class index of every prediction, in the same order.
+
+    Returns:
+        The encoder record, "class_names", `models.metrics.classification_report` over the readable
+        images, "num_failed" and "failed" ([{"image", "error"}] of the unreadable ones).
+    """
+    names = counter.class_names
+    good = [(label, p) for label, p in zip(labels, predictions) if p.ok]
+    probs = torch.tensor([[p.probabilities[n] for n in names] for _, p in good]).reshape(len(good), len(names))
+    return {**counter.model.config.vision.encoder_record(), "class_names": list(names),
+            **classification_report([label for label, _ in good], probs, names, ECE_BINS),
+            "num_failed": len(predictions) - len(good),
+            "failed": [{"image": p.image, "error": p.error} for p in predictions if not p.ok]}

@@ -32,7 +32,8 @@ from config.loader import from_dict, to_dict
 from config.schema import ModelConfig
 from models.card import model_card
 from models.files import replace_dir
-from models.encoders import ImagePreprocessing, VisionEncoder, get_encoder_class
+from data.preprocessing import ImagePreprocessing
+from models.encoders import VisionEncoder, get_encoder_class
 from models.fusion import CrossAttentionFusion, TanhGate
 from models.language import load_tokenizer
 from models.projector import VisionProjector

@@ -7,6 +7,7 @@ Swin-B or Swin V2-B folder goes through. Deterministic for a seed.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,6 +17,8 @@ from transformers import (InternVLConfig, InternVLForConditionalGeneration, PreT
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers.models.got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.vit import ViTImageProcessorPil
+
+from models.encoders import get_encoder_class
 
 IMAGE_TOKEN = "<IMG_CONTEXT>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, "<img>", "</img>"]
@@ -82,3 +85,16 @@ def write_tiny_checkpoints(out: str | Path, seed: int = 0) -> dict[str, Path]:
         "swin": write_swin(out / "swin", seed + 1, version=1),
         "swinv2": write_swin(out / "swinv2", seed + 2, version=2),
     }
+
+
+def tiny_vision_overrides(encoder: str, root: str | Path) -> list[str]:
+    """Config overrides that point `model.vision` at `encoder` on its tiny weights.
+
+    The folder is `root / recipe.tiny_checkpoint` (`root` as given to `write_tiny_checkpoints`); an
+    encoder whose recipe names no tiny checkpoint is built at random from its `recipe.tiny_config`.
+    """
+    recipe = get_encoder_class(encoder).recipe
+    if recipe.tiny_checkpoint is None:
+        return [f"model.vision.encoder={encoder}", "model.vision.checkpoint=null",
+                f"model.vision.config={json.dumps(recipe.tiny_config)}"]
+    return [f"model.vision.encoder={encoder}", f"model.vision.checkpoint={Path(root) / recipe.tiny_checkpoint}"]

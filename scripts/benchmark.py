@@ -6,8 +6,9 @@
 
 Two tables, printed as Markdown (and written with `--json PATH`):
 
-1. **Encoders** -- each registered encoder built *at random* from `MATCHED_CONFIGS` (comparable width,
-   depth and parameter count, see below), batch `--batch` (default 1) of random pixels, at every
+1. **Encoders** -- each registered encoder built *at random* from its adapter's
+   `recipe.benchmark_config` (comparable width, depth and parameter count, see below; `--tiny` takes
+   `recipe.tiny_config` instead, for a smoke run), batch `--batch` (default 1) of random pixels, at every
    `--sizes` entry (a side `S` means S x S; `HxW` is height x width, so the default `1344x448` is a
    tall receipt): forward time (median of `--repeats` after one untimed warm-up), multiply-add FLOPs
    counted by `torch.utils.flop_counter`, output tokens (`encoder.num_tokens`), peak memory, and the
@@ -18,10 +19,10 @@ Two tables, printed as Markdown (and written with `--json PATH`):
    through the project's own `train.trainability.apply_stage`) and one inference forward
    (`torch.inference_mode`), as images/s, plus the visual tokens per image (`model.num_image_tokens`).
 
-"Matched" means: the same number of transformer blocks (12), a similar parameter count (InternViT
-5.6 M: width 192 = ViT-Ti, 3 heads, MLP 768, patch 14 as InternViT; Swin / Swin V2 6.9 M: embed 48,
-depths 2-2-6-2 = Swin-T's layout at half its width, heads 2-4-8-16, patch 4, window 7) and a similar
-cost at 224 px. The ViT keeps its position table at InternViT's native 448 px and interpolates it
+"Matched" (each adapter's `recipe.benchmark_config` in models/encoders/) means: the same number of
+transformer blocks (12), a similar parameter count (InternViT 5.6 M: width 192 = ViT-Ti, 3 heads,
+MLP 768, patch 14 as InternViT; Swin / Swin V2 6.9 M: embed 48, depths 2-2-6-2 = Swin-T's layout at
+half its width, heads 2-4-8-16, patch 4, window 7) and a similar cost at 224 px. The ViT keeps its position table at InternViT's native 448 px and interpolates it
 for other sizes, as the real model does. The ViT's attention is global (cost ~ tokens^2), Swin's is
 windowed (cost ~ tokens), which is what the growth columns show.
 
@@ -39,160 +40,30 @@ after. Nothing here is a test: it measures and never fails on a slow machine.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import os
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from config import load_config  # noqa: E402
 from config.schema import StageConfig  # noqa: E402
 from models.build import build_model  # noqa: E402
-from models.encoders import VisionEncoder, encoder_names, get_encoder_class  # noqa: E402
+from models.encoders import EncoderUnavailableError, VisionEncoder, encoder_names, get_encoder_class  # noqa: E402
 from models.internvl2 import InternVL2MultimodalModel  # noqa: E402
+from models.measure import (count_flops, machine_info, markdown_table, median_seconds, parse_size,  # noqa: E402
+                            peak_memory_mib, pin_malloc_to_mmap, quiet_and_threaded, size_label)
 from models.tiny import write_tiny_checkpoints  # noqa: E402
 from train.trainability import apply_stage  # noqa: E402
 
-_SWIN_MATCHED = dict(patch_size=4, embed_dim=48, depths=[2, 2, 6, 2], num_heads=[2, 4, 8, 16], window_size=7,
-                     mlp_ratio=4.0, drop_path_rate=0.0)
-# Random-init backbone configs of comparable width/depth (see the module docstring). An encoder that is
-# registered but has no entry here is listed as skipped, never silently dropped.
-MATCHED_CONFIGS: dict[str, dict[str, Any]] = {
-    "internvit": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
-                      patch_size=[14, 14], use_mean_pooling=True),
-    "swin": _SWIN_MATCHED,
-    "swinv2": _SWIN_MATCHED,
-    "swinv2_inhouse": _SWIN_MATCHED,
-}
-# InternVL2 merges 2x2 ViT tokens before the LLM (pixel shuffle); Swin's last stage is already coarse.
-MODEL_PIXEL_SHUFFLE = {"internvit": 2}
 VISION_STAGE = ["projector", "fusion", "head", "vision.all"]  # what the recipe's vision stage trains
 DEFAULT_SIZES = ["224", "448", "896", "1344", "1344x448"]
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-# ------------------------------------------------------------------------------------------ tables
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A Markdown table; floats are printed as given (format them before), None as an en dash.
-
-    Line breaks inside a value become spaces and "|" is escaped, so a row always stays one row.
-    """
-    def cell(value: Any) -> str:
-        return "–" if value is None else " ".join(str(value).split()).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """What a timing depends on: CPU, cores, torch, threads, and the load average right now."""
-    return {"machine": platform.machine(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads": threads,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
-
-
-def quiet_and_threaded(threads: int | None) -> None:
-    """What every benchmark does first: no transformers logging or progress bars; `threads` torch threads."""
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    if threads:
-        torch.set_num_threads(threads)
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """"448" -> (448, 448); "1344x448" -> (height 1344, width 448)."""
-    parts = text.lower().split("x")
-    if len(parts) == 1:
-        return int(parts[0]), int(parts[0])
-    if len(parts) == 2:
-        return int(parts[0]), int(parts[1])
-    raise argparse.ArgumentTypeError(f"size {text!r}: expected S or HxW, e.g. 448 or 1344x448")
-
-
-def size_label(size: tuple[int, int]) -> str:
-    return f"{size[0]}" if size[0] == size[1] else f"{size[0]}x{size[1]}"
-
-
-# ------------------------------------------------------------------------------------- measuring
-def pin_malloc_to_mmap() -> None:
-    """Make glibc return freed large blocks to the OS, so the resident set tracks live memory."""
-    try:
-        ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, 64 * 1024)
-    except (OSError, AttributeError):  # not glibc: peak numbers then include reused heap
-        pass
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
-    """Extra memory one call of `fn` needs at its peak, in MiB (see the module docstring); None if unknown."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    except OSError:
-        return None
-    before = _status_kib("VmRSS")
-    fn()
-    peak = _status_kib("VmHWM")
-    return None if before is None or peak is None else (peak - before) / 1024
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    """Median wall time of `repeats` calls of `fn` (the caller warms up first)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _cpu_attention_flops(query_shape: torch.Size, key_shape: torch.Size, value_shape: torch.Size, *args: Any,
-                         out_shape: Any = None, **kwargs: Any) -> int:
-    """FLOPs of CPU fused attention (torch counts the CUDA kernels only): Q K^T and P V, (B, heads, L, D)."""
-    b, heads, q_len, dim = query_shape
-    return 2 * b * heads * q_len * key_shape[-2] * (dim + value_shape[-1])
-
-
-def count_flops(fn: Callable[[], Any]) -> int:
-    """FLOPs (2 per multiply-add) of one call of `fn`, counted per op by torch; the call also warms up."""
-    extra = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
-    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 # -------------------------------------------------------------------------------------- encoders
@@ -215,14 +86,21 @@ class EncoderRow:
     flops_x: float = 1.0
 
 
-def build_matched_encoder(name: str, size: tuple[int, int]) -> VisionEncoder:
+def matched_config(name: str, tiny: bool = False) -> dict[str, Any]:
+    """The random-init backbone config `name`'s adapter declares for benchmarks (`tiny`: its unit-test one)."""
+    recipe = get_encoder_class(name).recipe
+    return dict(recipe.tiny_config if tiny else recipe.benchmark_config)
+
+
+def build_matched_encoder(name: str, size: tuple[int, int], tiny: bool = False) -> VisionEncoder:
     """The registry's adapter for `name`, at random from its matched config, in eval mode."""
-    return get_encoder_class(name).build(None, dict(MATCHED_CONFIGS[name]), size).eval()
+    return get_encoder_class(name).build(None, matched_config(name, tiny), size).eval()
 
 
-def measure_encoder(name: str, size: tuple[int, int], batch: int, repeats: int, device: torch.device) -> EncoderRow:
+def measure_encoder(name: str, size: tuple[int, int], batch: int, repeats: int, device: torch.device,
+                    tiny: bool = False) -> EncoderRow:
     """Forward cost of the matched `name` encoder on a (batch, 3, H, W) random input."""
-    encoder = build_matched_encoder(name, size).to(device)
+    encoder = build_matched_encoder(name, size, tiny).to(device)
     pixels = torch.randn(batch, 3, *size, device=device)
 
     @torch.inference_mode()
@@ -273,13 +151,14 @@ class ModelRow:
     infer_peak_mib: float | None
 
 
-def build_matched_model(name: str, size: tuple[int, int], language_checkpoint: Path) -> InternVL2MultimodalModel:
+def build_matched_model(name: str, size: tuple[int, int], language_checkpoint: Path, tiny: bool = False
+                        ) -> InternVL2MultimodalModel:
     """The receipt counter with the matched `name` encoder (random) and the tiny InternVL2 LLM."""
     config = load_config(ROOT / "config" / "base.yaml", [
         f"model.vision.encoder={name}", "model.vision.checkpoint=null", "model.vision.fallback=null",
         f"model.vision.image_size=[{size[0]}, {size[1]}]", f"model.language.checkpoint={language_checkpoint}",
-        f"model.projector.pixel_shuffle={MODEL_PIXEL_SHUFFLE.get(name, 1)}"])
-    config.model.vision.config = dict(MATCHED_CONFIGS[name])
+        f"model.projector.pixel_shuffle={get_encoder_class(name).recipe.pixel_shuffle}"])
+    config.model.vision.config = matched_config(name, tiny)
     return build_model(config.model)
 
 
@@ -315,9 +194,9 @@ def make_inference(model: InternVL2MultimodalModel, batch: int, size: tuple[int,
 
 
 def measure_model(name: str, size: tuple[int, int], batch: int, repeats: int, device: torch.device,
-                  language_checkpoint: Path) -> ModelRow:
+                  language_checkpoint: Path, tiny: bool = False) -> ModelRow:
     """Training-step and inference throughput of the whole model with the matched `name` encoder."""
-    model = build_matched_model(name, size, language_checkpoint).to(device)
+    model = build_matched_model(name, size, language_checkpoint, tiny).to(device)
     step, infer = make_train_step(model, batch, size, device), make_inference(model, batch, size, device)
     step()  # warm-up; Adam state is allocated here, so the peak below is a steady-state step
     train_peak = peak_memory_mib(step, device)
@@ -341,14 +220,20 @@ def model_table(rows: list[ModelRow]) -> str:
 
 # ------------------------------------------------------------------------------------------- CLI
 def select_encoders(requested: list[str] | None) -> tuple[list[str], list[str]]:
-    """(encoders to run, notes on registered encoders left out). Unknown names are an error."""
+    """(encoders to run, notes on registered encoders left out: their adapter cannot be imported).
+    Unknown names are an error."""
     registered = encoder_names()
     unknown = sorted(set(requested or []) - set(registered))
     if unknown:
         raise SystemExit(f"unknown encoder(s) {unknown}; registered: {', '.join(registered)}")
-    names = requested or registered
-    notes = [f"{n}: skipped, no entry in scripts/benchmark.py MATCHED_CONFIGS" for n in names if n not in MATCHED_CONFIGS]
-    return [n for n in names if n in MATCHED_CONFIGS], notes
+    names, notes = [], []
+    for name in requested or registered:
+        try:
+            get_encoder_class(name)
+            names.append(name)
+        except EncoderUnavailableError as e:
+            notes.append(f"{name}: skipped, {e}")
+    return names, notes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -364,6 +249,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-sizes", nargs="+", type=parse_size, default=[(224, 224), (448, 448)])
     parser.add_argument("--model-batch", type=int, default=4, help="images per whole-model step")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--tiny", action="store_true",
+                        help="each adapter's tiny unit-test config instead of its matched one (a smoke run)")
     parser.add_argument("--json", type=Path, help="also write every row and the machine record here")
     return parser.parse_args(argv)
 
@@ -375,7 +262,7 @@ def run_encoders(names: list[str], args: argparse.Namespace, device: torch.devic
     for name in names:
         for size in args.sizes:
             try:
-                rows.append(measure_encoder(name, size, args.batch, args.repeats, device))
+                rows.append(measure_encoder(name, size, args.batch, args.repeats, device, args.tiny))
             except ValueError as e:
                 notes.append(f"{name} at {size_label(size)}: skipped, {e}")
                 continue
@@ -393,7 +280,8 @@ def run_models(names: list[str], args: argparse.Namespace, device: torch.device,
         for name in names:
             for size in args.model_sizes:
                 try:
-                    rows.append(measure_model(name, size, args.model_batch, args.repeats, device, language))
+                    rows.append(measure_model(name, size, args.model_batch, args.repeats, device, language,
+                                              args.tiny))
                 except ValueError as e:
                     notes.append(f"model with {name} at {size_label(size)}: skipped, {e}")
                     continue
@@ -411,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"command": " ".join(["python scripts/benchmark.py", *(argv or sys.argv[1:])]),
                               "before": machine_info(torch.get_num_threads()), "notes": notes,
                               "encoder_batch": args.batch, "repeats": args.repeats,
-                              "matched_configs": {n: MATCHED_CONFIGS[n] for n in names}}
+                              "tiny": args.tiny, "matched_configs": {n: matched_config(n, args.tiny) for n in names}}
     encoders = [] if args.no_encoders else run_encoders(names, args, device, notes)
     models = [] if args.no_model else run_models(names, args, device, notes)
     report.update(after=machine_info(torch.get_num_threads()), encoders=[asdict(r) for r in encoders],

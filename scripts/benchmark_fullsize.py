@@ -41,7 +41,7 @@ import argparse
 import gc
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,24 +49,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
 from transformers import (AutoConfig, AutoModel, InternVLConfig, InternVLForConditionalGeneration,  # noqa: E402
                           PretrainedConfig)
 
 from config import load_config  # noqa: E402
-from models.encoders import get_encoder_class  # noqa: E402
+from models.encoders import encoder_names, get_encoder_class  # noqa: E402
 from models.inference import ReceiptCounter  # noqa: E402
 from models.internvl2 import InternVL2MultimodalModel  # noqa: E402
+from models.measure import (ForwardTimer, count_flops, machine_info, markdown_table, median_seconds,  # noqa: E402
+                            quiet_and_threaded)
 from models.tiny import build_tokenizer  # noqa: E402
-from scripts.benchmark import (count_flops, machine_info, markdown_table, median_seconds,  # noqa: E402
-                               quiet_and_threaded)
 
-INTERNVIT_300M = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-                      patch_size=[14, 14], norm_type="layer_norm", use_qk_norm=False)
+INTERNVIT_300M = get_encoder_class("internvit").recipe.real_config  # the ViT of InternVL2.5-1B and -8B
 INTERNVIT_6B = dict(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800,
                     patch_size=[14, 14], norm_type="rms_norm", use_qk_norm=True)
-SWIN_B = dict(patch_size=4, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7,
-              drop_path_rate=0.0)
 QWEN2_5_0_5B = dict(vocab_size=151674, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                     num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
 INTERNLM2_5_7B = dict(vocab_size=92553, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -74,19 +70,22 @@ INTERNLM2_5_7B = dict(vocab_size=92553, hidden_size=4096, intermediate_size=1433
 INTERNLM2_5_20B = dict(vocab_size=92553, hidden_size=6144, intermediate_size=16384, num_hidden_layers=48,
                        num_attention_heads=48, num_key_value_heads=8, tie_word_embeddings=False)
 _TINY_VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, patch_size=[14, 14])
-_TINY_SWIN = dict(patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=7, drop_path_rate=0.0)
 _TINY_TEXT = dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, tie_word_embeddings=True)
 
 
 @dataclass(frozen=True)
 class Shapes:
-    """The configs of one InternVL size: its ViT, its LLM (a transformers model type and fields), and Swin."""
+    """The configs of one InternVL size: its ViT and its LLM (a transformers model type and fields).
+
+    Another encoder takes its adapter's `recipe.real_config` (Swin-B for swin), or `recipe.tiny_config`
+    at the toy sizes.
+    """
 
     vision: dict[str, Any]
     text_type: str
     text: dict[str, Any]
-    swin: dict[str, Any] = field(default_factory=lambda: dict(SWIN_B))
+    tiny: bool = False
 
 
 SHAPES = {
@@ -94,10 +93,9 @@ SHAPES = {
     "internvl2.5-8b": Shapes(INTERNVIT_300M, "llama", INTERNLM2_5_7B),
     "internvl2.5-26b": Shapes(INTERNVIT_6B, "llama", INTERNLM2_5_20B),
     # toy sizes, for the smoke test (image side 56: a 4x4 patch grid, 4 image tokens)
-    "tiny": Shapes(_TINY_VIT, "qwen2", _TINY_TEXT, _TINY_SWIN),
-    "tiny-llama": Shapes(_TINY_VIT, "llama", {**_TINY_TEXT, "tie_word_embeddings": False}, _TINY_SWIN),
+    "tiny": Shapes(_TINY_VIT, "qwen2", _TINY_TEXT, tiny=True),
+    "tiny-llama": Shapes(_TINY_VIT, "llama", {**_TINY_TEXT, "tie_word_embeddings": False}, tiny=True),
 }
-PIXEL_SHUFFLE = {"internvit": 2, "swin": 1}  # InternVL merges 2x2 ViT tokens; Swin's last stage is coarse already
 ANSWERS = 3  # the class answers "0", "1", "2" the native way scores
 
 
@@ -111,11 +109,18 @@ def build_counter(shapes: Shapes, encoder: str, image_size: tuple[int, int]) -> 
     config = load_config(ROOT / "config" / "base.yaml", [
         f"model.vision.encoder={encoder}", "model.vision.checkpoint=null", "model.vision.fallback=null",
         f"model.vision.image_size=[{image_size[0]}, {image_size[1]}]",
-        f"model.projector.pixel_shuffle={PIXEL_SHUFFLE[encoder]}"]).model
-    overrides = {**shapes.vision, "image_size": list(image_size)} if encoder == "internvit" else dict(shapes.swin)
-    vision = get_encoder_class(encoder).build(None, overrides, image_size)
+        f"model.projector.pixel_shuffle={get_encoder_class(encoder).recipe.pixel_shuffle}"]).model
+    vision = get_encoder_class(encoder).build(None, vision_config(shapes, encoder, image_size), image_size)
     language = AutoModel.from_config(text_config(shapes))
     return InternVL2MultimodalModel(config, vision, language, build_tokenizer()).eval()
+
+
+def vision_config(shapes: Shapes, encoder: str, image_size: tuple[int, int]) -> dict[str, Any]:
+    """InternVL's own tower takes the shapes' ViT (at `image_size`); any other encoder its recipe's config."""
+    cls = get_encoder_class(encoder)
+    if cls.in_language_checkpoint:
+        return {**shapes.vision, "image_size": list(image_size)}
+    return dict(cls.recipe.tiny_config if shapes.tiny else cls.recipe.real_config)
 
 
 def build_native(shapes: Shapes, image_size: tuple[int, int]) -> InternVLForConditionalGeneration:
@@ -136,25 +141,6 @@ def native_prompt(model: InternVLForConditionalGeneration, batch: int, text_toke
 
 
 # ------------------------------------------------------------------------------------------ timing
-class ForwardTimer:
-    """Wall time and count of a module's forwards, from a pre- and a post-forward hook."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.seconds, self.calls, self._start = 0.0, 0, 0.0
-        module.register_forward_pre_hook(self._before)
-        module.register_forward_hook(self._after)
-
-    def _before(self, module: nn.Module, args: Any) -> None:
-        self._start = time.perf_counter()
-
-    def _after(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.seconds += time.perf_counter() - self._start
-        self.calls += 1
-
-    def reset(self) -> None:
-        self.seconds, self.calls = 0.0, 0
-
-
 @dataclass
 class TimedRow:
     way: str
@@ -176,11 +162,13 @@ def time_call(call: Callable[[], Any], timer: ForwardTimer, repeats: int, device
 
 
 def counter_rows(shapes: Shapes, encoder: str, args: argparse.Namespace, device: torch.device) -> list[TimedRow]:
-    """(a) or (b) at every batch size through `ReceiptCounter.predict`; for swin also without the cache."""
+    """(a) or (b) at every batch size through `ReceiptCounter.predict`; for an encoder other than InternVL's
+    own tower also without the cache."""
     model = build_counter(shapes, encoder, args.image_size)
     timer = ForwardTimer(model.language)
     counter = ReceiptCounter.from_model(model, device=device)
-    caches = [("ours", model.question_cache)] + ([("ours, no cache", None)] if encoder == "swin" else [])
+    replaced = not get_encoder_class(encoder).in_language_checkpoint
+    caches = [("ours", model.question_cache)] + ([("ours, no cache", None)] if replaced else [])
     rows = []
     for way, cache in caches:
         model.question_cache = cache
@@ -267,10 +255,11 @@ def native_flops(shapes: Shapes, image_size: tuple[int, int], text_tokens: int, 
     return vision, llm, head
 
 
-def flop_rows(name: str, image_size: tuple[int, int], text_tokens: int, device: torch.device) -> list[FlopRow]:
+def flop_rows(name: str, encoders: list[str], image_size: tuple[int, int], text_tokens: int, device: torch.device
+              ) -> list[FlopRow]:
     shapes = SHAPES[name]
     rows = []
-    for encoder in ("internvit", "swin"):
+    for encoder in encoders:
         vision, llm, rest = counter_flops(shapes, encoder, image_size, device)
         rows.append(FlopRow(name, f"ours ({encoder})", vision / 1e9, llm / 1e9, rest / 1e9, 0.0))
     vision, llm, head = native_flops(shapes, image_size, text_tokens, device)
@@ -306,6 +295,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--native-text-tokens", type=int, default=24, help="text tokens of the native prompt")
     parser.add_argument("--flop-shapes", nargs="*", choices=sorted(SHAPES),
                         default=["internvl2.5-1b", "internvl2.5-8b", "internvl2.5-26b"])
+    parser.add_argument("--encoders", nargs="+", choices=encoder_names(), default=["internvit", "swin"],
+                        help="encoders of our counter (default: InternVL's ViT and Swin-B)")
     parser.add_argument("--no-timing", action="store_true", help="only the FLOP table")
     args = parser.parse_args(argv)
     args.image_size = (args.image_size, args.image_size)
@@ -320,13 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[TimedRow] = []
     if not args.no_timing:
         torch.manual_seed(0)
-        for build in (lambda: counter_rows(SHAPES[args.shape], "internvit", args, device),
-                      lambda: counter_rows(SHAPES[args.shape], "swin", args, device),
-                      lambda: native_rows(SHAPES[args.shape], args, device)):
-            rows += build()
+        for encoder in args.encoders:
+            rows += counter_rows(SHAPES[args.shape], encoder, args, device)
             gc.collect()  # one full-size model in memory at a time
-    flops = [r for name in args.flop_shapes for r in flop_rows(name, args.image_size, args.native_text_tokens,
-                                                                torch.device("meta"))]
+        rows += native_rows(SHAPES[args.shape], args, device)
+    flops = [r for name in args.flop_shapes for r in flop_rows(name, args.encoders, args.image_size,
+                                                                args.native_text_tokens, torch.device("meta"))]
     after = machine_info(torch.get_num_threads())
     print(f"{before['processor']}, {before['cpu_count']} cores, torch {before['torch']}, {before['threads']} "
           f"thread(s), device {device}, float32, {args.image_size[0]} px; load average "

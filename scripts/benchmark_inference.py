@@ -40,7 +40,6 @@ import os
 import platform
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,22 +59,23 @@ from data.manifest import load_records  # noqa: E402
 from data.synth.scene import render_scene  # noqa: E402
 from data.transforms import preprocess  # noqa: E402
 from models.build import build_model  # noqa: E402
-from models.encoders import ImagePreprocessing  # noqa: E402
+from data.preprocessing import ImagePreprocessing  # noqa: E402
+from models.encoders import encoder_names  # noqa: E402
 from models.inference import DEVICES, ReceiptCounter  # noqa: E402
 from models.internvl2 import InternVL2MultimodalModel  # noqa: E402
-from models.tiny import write_tiny_checkpoints  # noqa: E402
-from scripts.benchmark import markdown_table, parse_size, quiet_and_threaded  # noqa: E402
+from models.measure import (child_pids, markdown_table, parse_size, percentile, quiet_and_threaded, rss_mib,  # noqa: E402
+                            seconds_per_call)
+from models.tiny import tiny_vision_overrides, write_tiny_checkpoints  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_FOLDER = {"internvit": "internvl2", "swin": "swin", "swinv2": "swinv2", "swinv2_inhouse": "swinv2"}
 
 
 def export_demo_model(encoder: str, work: Path) -> Path:
     """Tiny checkpoints -> demo model with `encoder` -> exported folder (what training's final/ holds)."""
     tiny = write_tiny_checkpoints(work / "tiny", seed=0)
     config = load_config(ROOT / "config" / "base.yaml", [
-        f"model.vision.encoder={encoder}", f"model.vision.checkpoint={tiny[TINY_FOLDER[encoder]]}",
-        f"model.language.checkpoint={tiny['internvl2']}", "model.vision.fallback=null"])
+        *tiny_vision_overrides(encoder, work / "tiny"), f"model.language.checkpoint={tiny['internvl2']}",
+        "model.vision.fallback=null"])
     return build_model(config.model).save_pretrained(work / "export")
 
 
@@ -122,11 +122,7 @@ def decode_rate(load, paths: list[Path], preprocessing: ImagePreprocessing, roun
     """Images/s of `load(path, preprocessing)` over `rounds` passes, after one untimed pass."""
     for path in paths:
         load(path, preprocessing)
-    start = time.perf_counter()
-    for _ in range(rounds):
-        for path in paths:
-            load(path, preprocessing)
-    return rounds * len(paths) / (time.perf_counter() - start)
+    return rounds * len(paths) / sum(seconds_per_call(lambda path: load(path, preprocessing), paths * rounds))
 
 
 def decode_table(paths: list[Path], sides: list[int], rounds: int) -> str:
@@ -206,24 +202,6 @@ def write_small_jpegs(folder: Path, count: int, side: int = 96) -> None:
         image.save(folder / f"img_{i:05d}.jpg", quality=85)
 
 
-def _rss_mib(pid: int) -> float:
-    """Resident memory of one process, MiB (0 once it has gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
 def stream_row(export: Path, folder: Path, count: int, workers: int, batch_size: int, work: Path) -> list[str]:
     """Run predict.py on `folder`, sampling its memory; one table row."""
     command = [sys.executable, str(ROOT / "scripts" / "predict.py"), "--checkpoint", str(export), "--device", "cpu",
@@ -233,8 +211,8 @@ def stream_row(export: Path, folder: Path, count: int, workers: int, batch_size:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     main_rss, worker_rss = [], []
     while process.poll() is None:
-        main_rss.append(_rss_mib(process.pid))
-        worker_rss.append(sum(_rss_mib(c) for c in _children(process.pid)))
+        main_rss.append(rss_mib(process.pid))
+        worker_rss.append(sum(rss_mib(c) for c in child_pids(process.pid)))
         time.sleep(0.2)
     wall = time.perf_counter() - start
     rows = (work / "rows.jsonl").read_text().count("\n")
@@ -264,19 +242,12 @@ def time_calls(counter: ReceiptCounter, paths: list[Path], batch_size: int, roun
     """Seconds of each `predict` call over `rounds` passes through `paths`, after one untimed warm-up call."""
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
     counter.predict(batches[0], batch_size=batch_size)  # warm-up: first-call allocations and kernel choice
-    seconds = []
-    for _ in range(rounds):
-        for batch in batches:
-            start = time.perf_counter()
-            results = counter.predict(batch, batch_size=batch_size)
-            seconds.append(time.perf_counter() - start)
-            assert all(r.ok for r in results), [r.error for r in results if not r.ok]
-    return seconds
 
+    def call(batch: list[Path]) -> None:
+        results = counter.predict(batch, batch_size=batch_size)
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok]
 
-def percentile(values: list[float], q: int) -> float:
-    """The q-th percentile (inclusive method; exact for the sample sizes used here)."""
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+    return seconds_per_call(call, batches * rounds)
 
 
 def table_row(encoder: str, batch_size: int, seconds: list[float], images: int) -> str:
@@ -288,7 +259,7 @@ def table_row(encoder: str, batch_size: int, seconds: list[float], images: int) 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="exported model folder (default: the tiny demo model)")
-    parser.add_argument("--encoder", default="swin", choices=sorted(TINY_FOLDER), help="demo model's encoder")
+    parser.add_argument("--encoder", default="swin", choices=encoder_names(), help="demo model's encoder")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--images", type=int, default=32, help="JPEG files per pass")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes over the files")

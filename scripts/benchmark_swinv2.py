@@ -31,18 +31,17 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from models.measure import MALLOC_PIN_ENV, alternate_timings, count_flops, matmul_gflops, peak_memory_mib  # noqa: E402
 from models.swinv2 import from_transformers  # noqa: E402
 
 TINY_SHAPE = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], image_size=256)
@@ -91,48 +90,7 @@ def make_step(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None
     return train_step
 
 
-def alternate_timings(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per step, running the steps alternately (order flipped every repeat)."""
-    names = list(steps)
-    for _ in range(warmup):
-        for name in names:
-            steps[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def count_flops(step: Callable[[], None]) -> int:
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
-
-
-def matmul_gflops(threads: int, size: int = 2048, repeats: int = 5) -> float:
-    """The machine's measured float32 GEMM rate on `threads` threads."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * size**3 / statistics.median(times) / 1e9
-
-
 # -- peak memory of one train step, in a fresh child process -----------------------------------------
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
 
 def memory_child(impl: str, window: int, batch: int, threads: int) -> None:
     """Print the peak-RSS growth (MiB) of one train step of `impl`; run as a separate process."""
@@ -146,14 +104,11 @@ def memory_child(impl: str, window: int, batch: int, threads: int) -> None:
     step()  # warm-up: one-time kernels and caches
     model.zero_grad(set_to_none=True)
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    step()
-    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024}))
+    print(json.dumps({"peak_mib": peak_memory_mib(step, torch.device("cpu"))}))
 
 
 def peak_memory(impl: str, window: int, batch: int, threads: int) -> float:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    env = {**os.environ, **MALLOC_PIN_ENV}
     out = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--window", str(window),
                           "--batch", str(batch), "--threads", str(threads)],
                          check=True, capture_output=True, text=True, env=env).stdout
@@ -228,12 +183,7 @@ def backend_rows(device: str, dtype: torch.dtype, window: int, batch: int, repea
                 with torch.no_grad():
                     out = under(backend, lambda: model(x).last_hidden_state)()
                 diff = f"{(out.float() - reference).abs().max().item():.2e}"
-            peak = ""
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-                start = torch.cuda.memory_allocated()
-                steps[name]()
-                peak = f"{(torch.cuda.max_memory_allocated() - start) / 2**20:.0f}"
+            peak = f"{peak_memory_mib(steps[name], torch.device(device)):.0f}" if cuda else ""
             speedup = f"{base / times[name]:.2f}x" if base else ""
             rows.append([mode, name, f"{1e3 * times[name]:.1f}", speedup, diff, peak])
     return rows

@@ -1,10 +1,14 @@
 """Encoder A/B comparison: train each config the same way, measure the exported models, one table.
 
-    python scripts/compare_encoders.py                                    # every config/compare/*.yaml
-    python scripts/compare_encoders.py --configs config/compare/swin.yaml config/compare/internvit.yaml \\
-        [--set train.stages.1.epochs=2 ...] [--out runs/compare] [--threads 1]
+    python scripts/compare_encoders.py                                    # every registered encoder
+    python scripts/compare_encoders.py --encoders swin internvit [--set train.stages.1.epochs=2 ...] \\
+        [--out runs/compare] [--threads 1]
+    python scripts/compare_encoders.py --configs A.yaml B.yaml            # your own configs instead
 
-For each config, in order:
+Each encoder runs config/compare/budget.yaml (the shared budget) with `model.vision.encoder=NAME` and
+`model.vision.checkpoint=checkpoints/tiny/<its adapter's recipe.tiny_checkpoint>` (written by
+`python scripts/make_tiny_checkpoints.py --out checkpoints/tiny`); the budget's fallback is kept
+except for the fallback encoder itself. For each run, in order:
 1. **train** -- `python -m train --config C --set ... --set output_dir=OUT/runs/NAME` in a child process
    (the project's one training entry point), stdout/stderr to OUT/runs/NAME/train.log. Before anything
    runs, the resolved configs are checked to differ only under `model.vision` (and `output_dir`): same
@@ -57,16 +61,17 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from config import Config, load_config, to_dict  # noqa: E402
+from config import Config, config_differences, load_config  # noqa: E402
 from config.loader import ConfigError  # noqa: E402
 from data.dataset import load_pixel_values  # noqa: E402
 from data.manifest import load_records  # noqa: E402
 from models.encoders import encoder_names  # noqa: E402
-from models.inference import ReceiptCounter  # noqa: E402
-from models.metrics import ECE_BINS, classification_report  # noqa: E402
-from scripts.benchmark import machine_info, markdown_table  # noqa: E402
+from models.inference import ReceiptCounter, prediction_metrics  # noqa: E402
+from models.measure import machine_info, markdown_table, seconds_per_call  # noqa: E402
+from models.tiny import tiny_vision_overrides  # noqa: E402
 
-COMPARE_DIR = ROOT / "config" / "compare"
+BUDGET = ROOT / "config" / "compare" / "budget.yaml"
+TINY_CHECKPOINTS = "checkpoints/tiny"  # relative to the repository, where the training child runs
 # Keys allowed to differ between the compared configs: the encoder itself, and where a run writes.
 FREE_KEYS = ("model.vision", "output_dir")
 
@@ -96,9 +101,21 @@ class ChildResult:
 
 
 # ----------------------------------------------------------------------------------- planning
-def default_configs() -> list[Path]:
-    """config/compare/*.yaml, without shared fragments (names starting with "_")."""
-    return sorted(p for p in COMPARE_DIR.glob("*.yaml") if not p.name.startswith("_"))
+def _plan(name: str, path: Path, overrides: list[str], out: Path) -> Plan:
+    run_dir = out / "runs" / name
+    run_overrides = [*overrides, f"output_dir={run_dir}"]
+    return Plan(name, path, load_config(path, run_overrides), run_overrides, run_dir)
+
+
+def encoder_plans(encoders: list[str], overrides: list[str], out: Path) -> list[Plan]:
+    """The shared budget once per encoder, on the tiny checkpoint its adapter's recipe names; OUT/runs/NAME."""
+    fallback = load_config(BUDGET).model.vision.fallback
+    plans = []
+    for name in encoders:
+        vision = tiny_vision_overrides(name, TINY_CHECKPOINTS) + (["model.vision.fallback=null"] if name == fallback
+                                                                  else [])
+        plans.append(_plan(name, BUDGET, [*vision, *overrides], out))
+    return plans
 
 
 def make_plans(paths: list[Path], overrides: list[str], out: Path) -> list[Plan]:
@@ -107,9 +124,7 @@ def make_plans(paths: list[Path], overrides: list[str], out: Path) -> list[Plan]
     for path in (p.resolve() for p in paths):
         name = path.stem if path.stem not in seen else f"{path.parent.name}_{path.stem}"
         seen.add(name)
-        run_dir = out / "runs" / name
-        run_overrides = [*overrides, f"output_dir={run_dir}"]
-        plans.append(Plan(name, path, load_config(path, run_overrides), run_overrides, run_dir))
+        plans.append(_plan(name, path, overrides, out))
     return plans
 
 
@@ -118,30 +133,13 @@ def repo_path(path: str) -> Path:
     return Path(path) if Path(path).is_absolute() else ROOT / path
 
 
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}; lists stay leaves only when they hold no mappings."""
-    if isinstance(tree, dict):
-        return {k: v for key, value in tree.items() for k, v in flatten(value, f"{prefix}{key}.").items()}
-    if isinstance(tree, list) and any(isinstance(v, dict) for v in tree):
-        return {k: v for i, value in enumerate(tree) for k, v in flatten(value, f"{prefix}{i}.").items()}
-    return {prefix.rstrip("."): tree}
-
-
 def budget_differences(plans: list[Plan]) -> list[str]:
     """Keys outside FREE_KEYS whose values differ between the plans, as "key: name=value, ...".
 
     Anything listed means the runs do not share data split, seed or training budget.
     """
-    flat = {p.name: flatten(to_dict(p.config)) for p in plans}
-    keys = sorted({k for f in flat.values() for k in f})
-    diffs = []
-    for key in keys:
-        if key.startswith(FREE_KEYS):
-            continue
-        values = {name: f.get(key, "<absent>") for name, f in flat.items()}
-        if len({json.dumps(v, sort_keys=True) for v in values.values()}) > 1:
-            diffs.append(f"{key}: " + ", ".join(f"{n}={v!r}" for n, v in values.items()))
-    return diffs
+    diffs = config_differences({p.name: p.config for p in plans}, ignore=FREE_KEYS)
+    return [f"{key}: " + ", ".join(f"{n}={v!r}" for n, v in values.items()) for key, values in diffs.items()]
 
 
 # ------------------------------------------------------------------------------------ children
@@ -182,18 +180,15 @@ def measure_export(folder: Path, data: str, batch_size: int, latency_images: int
     start = time.perf_counter()
     predictions = counter.predict(paths, batch_size=batch_size)
     seconds = time.perf_counter() - start
-    good = [(r, p) for r, p in zip(records, predictions) if p.ok]
-    probs = torch.tensor([[p.probabilities[n] for n in counter.class_names] for _, p in good])
-    report = classification_report([r.label for r, _ in good], probs.reshape(len(good), -1), counter.class_names,
-                                   ECE_BINS)
-    model, vision = counter.model, counter.model.config.vision
-    return {"encoder": vision.encoder, "requested_encoder": vision.requested_encoder,
-            "fallback_cause": vision.fallback_cause, "device": str(counter.device),
+    report = prediction_metrics(counter, [r.label for r in records], predictions)
+    readable = [r.path for r, p in zip(records, predictions) if p.ok]
+    model = counter.model
+    return {**model.config.vision.encoder_record(), "device": str(counter.device),
             "visual_tokens": model.num_image_tokens(), "image_size": list(model.preprocessing.size),
             "total_parameters": sum(p.numel() for p in model.parameters()),
             "test": {k: report[k] for k in ("num_samples", "accuracy", "macro_f1", "ece")},
-            "num_failed": len(records) - len(good), "infer_images_per_s": len(paths) / seconds,
-            "latency_ms_p50": latency_ms(counter, [r.path for r, _ in good[:latency_images]]),
+            "num_failed": report["num_failed"], "infer_images_per_s": len(paths) / seconds,
+            "latency_ms_p50": latency_ms(counter, readable[:latency_images]),
             "cuda_max_memory_allocated_mib": (torch.cuda.max_memory_allocated() / 2**20
                                               if counter.device.type == "cuda" else None)}
 
@@ -202,12 +197,7 @@ def latency_ms(counter: ReceiptCounter, paths: list[str]) -> float:
     """Median ms of a batch-1 `predict` on already-preprocessed tensors (model only, no decoding)."""
     tensors = [load_pixel_values(p, counter.model.preprocessing) for p in paths]
     counter.predict([tensors[0]], batch_size=1)  # warm-up
-    times = []
-    for tensor in tensors:
-        start = time.perf_counter()
-        counter.predict([tensor], batch_size=1)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(seconds_per_call(lambda tensor: counter.predict([tensor], batch_size=1), tensors))
 
 
 # ---------------------------------------------------------------------------------------- rows
@@ -317,7 +307,9 @@ def render(rows: list[dict[str, Any]]) -> str:
 # ------------------------------------------------------------------------------------------ CLI
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="+", type=Path, help="configs to compare (default: config/compare/*.yaml)")
+    parser.add_argument("--encoders", nargs="+", choices=encoder_names(),
+                        help="registry names, each run on config/compare/budget.yaml (default: every encoder)")
+    parser.add_argument("--configs", nargs="+", type=Path, help="your own configs to compare instead of --encoders")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override applied to every config (repeatable)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "compare" / time.strftime("%Y%m%d-%H%M%S"),
@@ -362,7 +354,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.measure:
         return measure_main(args)
     try:
-        plans = make_plans(args.configs or default_configs(), args.overrides, args.out.resolve())
+        if args.configs:
+            plans = make_plans(args.configs, args.overrides, args.out.resolve())
+        else:
+            plans = encoder_plans(args.encoders or encoder_names(), args.overrides, args.out.resolve())
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -27,15 +27,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from data.manifest import ManifestError, Record, load_records  # noqa: E402
 from models.files import atomic_path, write_text_atomic  # noqa: E402
-from models.inference import DEVICES, Prediction, ReceiptCounter  # noqa: E402
-from models.metrics import ECE_BINS, classification_report  # noqa: E402
+from models.inference import DEVICES, Prediction, ReceiptCounter, prediction_metrics  # noqa: E402
 
 # Confusion-matrix picture layout, in pixels.
 CELL, LEFT, TOP, BOTTOM, BAR_AREA = 110, 150, 110, 70, 130
@@ -56,16 +54,7 @@ def evaluate(counter: ReceiptCounter, records: list[Record], batch_size: int) ->
 
 def build_metrics(counter: ReceiptCounter, records: list[Record], predictions: list[Prediction]) -> dict:
     """The metrics.json content: the report over readable images plus provenance and failures."""
-    good = [(r, p) for r, p in zip(records, predictions) if p.ok]
-    probs = torch.tensor([[p.probabilities[n] for n in counter.class_names] for _, p in good]).reshape(
-        len(good), len(counter.class_names))
-    targets = [r.label for r, _ in good]
-    vision = counter.model.config.vision
-    return {"encoder": vision.encoder, "requested_encoder": vision.requested_encoder,
-            "fallback_cause": vision.fallback_cause, "class_names": counter.class_names,
-            **classification_report(targets, probs, counter.class_names, ECE_BINS),
-            "num_failed": len(records) - len(good),
-            "failed": [{"image": p.image, "error": p.error} for p in predictions if not p.ok]}
+    return prediction_metrics(counter, [r.label for r in records], predictions)
 
 
 def write_misclassified(path: Path, class_names: list[str], records: list[Record],

@@ -2,25 +2,48 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
 from config import load_config
 from config.schema import Config
-from models.encoders import encoder_names
-from models.tiny import write_tiny_checkpoints
+from models.encoders import VisionEncoder, get_encoder_class
+from models.tiny import tiny_vision_overrides, write_tiny_checkpoints
 
 REPO = Path(__file__).parents[1]
 
-# Which tiny checkpoint folder each registered encoder loads from. A newly registered encoder must be
-# added here, or every registry-wide test fails loudly.
-ENCODER_CHECKPOINT = {"internvit": "internvl2", "swin": "swin", "swinv2": "swinv2", "swinv2_inhouse": "swinv2"}
+
+
+def tiny_checkpoint(tiny: dict[str, Path], encoder: str) -> Path:
+    """The tiny checkpoint folder `encoder` loads from, as its adapter's recipe declares."""
+    folder = get_encoder_class(encoder).recipe.tiny_checkpoint
+    assert folder is not None, f"encoder {encoder!r} has no tiny checkpoint (its recipe builds it at random)"
+    return tiny[folder]
+
+
+def build_tiny_encoder(tiny: dict[str, Path], encoder: str, size: tuple[int, int] = (224, 224)) -> VisionEncoder:
+    """`encoder` on its tiny checkpoint, or at random from its recipe's tiny config when it has none."""
+    cls = get_encoder_class(encoder)
+    if cls.recipe.tiny_checkpoint is None:
+        return cls.build(None, dict(cls.recipe.tiny_config), size)
+    return cls.build(str(tiny[cls.recipe.tiny_checkpoint]), {}, size)
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/NAME.py as a module (scripts are not a package: they are command-line wrappers)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +59,8 @@ def _seed_and_quiet() -> None:
 
 def make_config(tiny: dict[str, Path], encoder: str, *overrides: str) -> Config:
     """The base config with `encoder` loaded from its tiny checkpoint, plus overrides."""
-    assert set(encoder_names()) <= set(ENCODER_CHECKPOINT), "add new encoders to ENCODER_CHECKPOINT"
     return load_config(Path(__file__).parents[1] / "config" / "base.yaml", [
-        f"model.vision.encoder={encoder}",
-        f"model.vision.checkpoint={tiny[ENCODER_CHECKPOINT[encoder]]}",
+        *tiny_vision_overrides(encoder, tiny["internvl2"].parent),
         f"model.language.checkpoint={tiny['internvl2']}",
         *overrides,
     ])
@@ -57,7 +78,7 @@ def receipts(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def run_args(tiny: dict[str, Path], receipts: Path, out: Path, *extra: str) -> list[str]:
     """`python -m train` arguments for the tiny Swin V2 run on `receipts`, one epoch per stage, plus overrides."""
-    sets = ["model.vision.encoder=swinv2", f"model.vision.checkpoint={tiny[ENCODER_CHECKPOINT['swinv2']]}",
+    sets = ["model.vision.encoder=swinv2", f"model.vision.checkpoint={tiny_checkpoint(tiny, 'swinv2')}",
             f"model.language.checkpoint={tiny['internvl2']}", "model.vision.image_size=[64, 64]",
             f"data.train={receipts / 'train'}", f"data.val={receipts / 'val'}", f"data.test={receipts / 'test'}",
             "data.batch_size=4", "data.eval_batch_size=4", f"output_dir={out}",

@@ -1,29 +1,20 @@
-"""The pure parts of scripts/compare_encoders.py and scripts/benchmark.py: tables, fallback marking,
-budget checks, token counts, and one tiny benchmark run end to end. No timing is asserted."""
+"""The pure parts of scripts/compare_encoders.py and the benchmark scripts: tables, fallback marking,
+budget checks, token counts, and tiny benchmark runs end to end over the registry. No timing is asserted."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
 
 from models.build import build_model
-from tests.conftest import make_config
+from models.encoders import encoder_names, get_encoder_class
+from models.measure import markdown_table, parse_size, size_label
+from tests.conftest import load_script, make_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 compare = load_script("compare_encoders")
@@ -42,13 +33,13 @@ def ok_row(**changes: object) -> dict:
 
 # ---------------------------------------------------------------------------------------- tables
 def test_markdown_table_shape_and_escaping() -> None:
-    text = benchmark.markdown_table(["a", "b"], [[1, None], ["x|y", 2.5]])
+    text = markdown_table(["a", "b"], [[1, None], ["x|y", 2.5]])
     lines = text.splitlines()
     assert lines[0] == "| a | b |"
     assert lines[1] == "|---|---|"
     assert lines[2] == "| 1 | – |"
     assert lines[3] == "| x\\|y | 2.5 |"
-    assert benchmark.markdown_table(["a"], [["two\nlines"]]).splitlines()[2] == "| two lines |"
+    assert markdown_table(["a"], [["two\nlines"]]).splitlines()[2] == "| two lines |"
 
 
 def test_compare_row_cells_follow_headers() -> None:
@@ -107,8 +98,7 @@ def test_a_long_multiline_fallback_cause_keeps_the_row_on_one_line() -> None:
 
 # ---------------------------------------------------------------------------------------- budget
 def test_budget_differences_ignore_vision_and_output_dir(tmp_path: Path) -> None:
-    configs = [ROOT / "config" / "compare" / f"{name}.yaml" for name in ("internvit", "swin")]
-    plans = compare.make_plans(configs, [], tmp_path)
+    plans = compare.encoder_plans(["internvit", "swin"], [], tmp_path)
     assert [p.requested_encoder for p in plans] == ["internvit", "swin"]
     assert compare.budget_differences(plans) == []
     assert plans[0].run_dir == tmp_path / "runs" / "internvit"
@@ -116,52 +106,47 @@ def test_budget_differences_ignore_vision_and_output_dir(tmp_path: Path) -> None
 
 
 def test_budget_differences_name_a_changed_epoch_count(tmp_path: Path) -> None:
-    swin, internvit = (ROOT / "config" / "compare" / f"{n}.yaml" for n in ("swin", "internvit"))
-    plans = compare.make_plans([swin], [], tmp_path) + compare.make_plans([internvit], ["train.stages.1.epochs=9"],
-                                                                          tmp_path)
+    plans = compare.encoder_plans(["swin"], [], tmp_path) + compare.encoder_plans(
+        ["internvit"], ["train.stages.1.epochs=9"], tmp_path)
     diffs = compare.budget_differences(plans)
     assert len(diffs) == 1 and diffs[0].startswith("train.stages.1.epochs:") and "internvit=9" in diffs[0]
 
 
 def test_main_refuses_an_unfair_comparison(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     other = tmp_path / "other.yaml"
-    other.write_text(f"base: {ROOT / 'config' / 'compare' / 'swin.yaml'}\nseed: 1\n")
-    code = compare.main(["--configs", str(ROOT / "config" / "compare" / "swin.yaml"), str(other),
-                         "--out", str(tmp_path / "out")])
+    other.write_text(f"base: {compare.BUDGET}\nseed: 1\n")
+    code = compare.main(["--configs", str(compare.BUDGET), str(other), "--out", str(tmp_path / "out")])
     assert code == 2
-    assert "seed: swin=0, other=1" in capsys.readouterr().err
+    assert "seed: budget=0, other=1" in capsys.readouterr().err
 
 
-def test_every_registered_encoder_has_a_compare_config() -> None:
-    from models.encoders import encoder_names
-    names = {p.stem for p in compare.default_configs()}
-    assert set(encoder_names()) <= names
+def test_every_registered_encoder_is_compared_on_the_checkpoint_its_recipe_names(tmp_path: Path) -> None:
+    plans = compare.encoder_plans(encoder_names(), [], tmp_path)
+    assert [p.requested_encoder for p in plans] == [p.name for p in plans] == encoder_names()
+    assert compare.budget_differences(plans) == []
+    for plan in plans:
+        folder = get_encoder_class(plan.name).recipe.tiny_checkpoint
+        assert plan.config.model.vision.checkpoint == f"checkpoints/tiny/{folder}"
+        assert plan.config.model.vision.fallback != plan.name  # never "falls back" to itself
 
 
 def test_trained_images_count_epochs_and_max_steps(tmp_path: Path) -> None:
-    config = compare.make_plans([ROOT / "config" / "compare" / "swin.yaml"], ["train.stages.0.max_steps=2"],
-                                tmp_path)[0].config
+    config = compare.encoder_plans(["swin"], ["train.stages.0.max_steps=2"], tmp_path)[0].config
     later_epochs = sum(stage.epochs for stage in config.train.stages[1:])
     assert compare.trained_images(config, num_train=100) == 2 * 16 + later_epochs * 100
 
 
 # ---------------------------------------------------------------------------------------- tokens
-SMALL_MATCHED = {"internvit": dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                   patch_size=[14, 14], use_mean_pooling=True),
-                 "swinv2": dict(patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=7,
-                                mlp_ratio=2.0, drop_path_rate=0.0)}
-
-
-@pytest.mark.parametrize("encoder", sorted(SMALL_MATCHED))
-def test_model_token_column_agrees_with_num_image_tokens(tiny_checkpoints: dict[str, Path], encoder: str,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(benchmark.MATCHED_CONFIGS, encoder, SMALL_MATCHED[encoder])
+@pytest.mark.parametrize("encoder", encoder_names())
+def test_model_token_column_agrees_with_num_image_tokens(tiny_checkpoints: dict[str, Path], encoder: str) -> None:
     size = (224, 224)
     row = benchmark.measure_model(encoder, size, batch=1, repeats=1, device=torch.device("cpu"),
-                                  language_checkpoint=tiny_checkpoints["internvl2"])
-    model = benchmark.build_matched_model(encoder, size, tiny_checkpoints["internvl2"])
-    assert row.visual_tokens == model.num_image_tokens(size)
-    assert row.visual_tokens == (64 if encoder == "internvit" else 28 * 28)  # 16x16 ViT grid, 2x2 shuffle
+                                  language_checkpoint=tiny_checkpoints["internvl2"], tiny=True)
+    model = benchmark.build_matched_model(encoder, size, tiny_checkpoints["internvl2"], tiny=True)
+    assert row.visual_tokens == model.num_image_tokens(size) > 0
+    assert row.train_step_ms > 0 and row.infer_images_per_s > 0
+    if encoder in ("internvit", "swinv2"):
+        assert row.visual_tokens == (64 if encoder == "internvit" else 28 * 28)  # 16x16 ViT grid, 2x2 shuffle
 
 
 def test_measure_export_tokens_equal_num_image_tokens(tiny_checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -184,9 +169,9 @@ def test_measure_export_tokens_equal_num_image_tokens(tiny_checkpoints: dict[str
 
 # ------------------------------------------------------------------------------------- benchmark
 def test_parse_size() -> None:
-    assert benchmark.parse_size("448") == (448, 448)
-    assert benchmark.parse_size("1344x448") == (1344, 448)
-    assert benchmark.size_label((1344, 448)) == "1344x448"
+    assert parse_size("448") == (448, 448)
+    assert parse_size("1344x448") == (1344, 448)
+    assert size_label((1344, 448)) == "1344x448"
 
 
 def test_growth_is_relative_to_each_encoders_first_row() -> None:
@@ -197,31 +182,22 @@ def test_growth_is_relative_to_each_encoders_first_row() -> None:
     assert rows[1].flops_x == pytest.approx(4.0) and rows[0].time_x == 1.0
 
 
-def test_cpu_attention_flops_are_counted() -> None:
-    q = torch.randn(1, 2, 16, 8)
-    flops = benchmark.count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
-    assert flops == 2 * 2 * 16 * 16 * (8 + 8)
-
-
 def test_every_registered_encoder_is_benchmarked_or_named_as_skipped() -> None:
     names, notes = benchmark.select_encoders(None)
-    from models.encoders import encoder_names
     assert set(names) | {n.split(":")[0] for n in notes} == set(encoder_names())
 
 
-def test_benchmark_runs_one_tiny_case_and_writes_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture) -> None:
-    small = dict(benchmark.MATCHED_CONFIGS["swinv2"], embed_dim=8, depths=[1, 1], num_heads=[1, 1])
-    monkeypatch.setitem(benchmark.MATCHED_CONFIGS, "swinv2", small)
+def test_benchmark_runs_one_tiny_case_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench.json"
     threads = torch.get_num_threads()
     try:
-        assert benchmark.main(["--encoders", "swinv2", "--sizes", "64", "--repeats", "1", "--model-sizes", "64",
-                               "--model-batch", "1", "--json", str(out)]) == 0
+        assert benchmark.main(["--tiny", "--encoders", "swinv2", "--sizes", "64", "--repeats", "1", "--model-sizes",
+                               "64", "--model-batch", "1", "--json", str(out)]) == 0
     finally:
         torch.set_num_threads(threads)
     report = json.loads(out.read_text())
     assert set(report) >= {"command", "before", "after", "encoders", "model", "matched_configs", "notes"}
+    assert report["tiny"] and report["matched_configs"]["swinv2"] == get_encoder_class("swinv2").recipe.tiny_config
     (enc,), (whole,) = report["encoders"], report["model"]
     assert set(enc) == {"encoder", "input", "height", "width", "megapixels", "tokens", "params_m", "gflops",
                         "forward_ms", "peak_mib", "pixels_x", "time_x", "flops_x"}

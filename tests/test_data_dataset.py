@@ -13,7 +13,7 @@ from data.dataset import ReceiptDataset, collate, load_pixel_values, make_datalo
 from data.images import BadImageError
 from data.manifest import load_records
 from data.transforms import AugmentConfig
-from models.encoders.base import ImagePreprocessing
+from data.preprocessing import ImagePreprocessing
 
 CLASSES = ["0", "1", "2+"]
 PREP = ImagePreprocessing(size=(32, 48), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))

@@ -10,7 +10,7 @@ from transformers.image_transforms import normalize
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension
 
 from data.transforms import AugmentConfig, augment_image, preprocess, resize_image, to_tensor
-from models.encoders.base import ImagePreprocessing
+from data.preprocessing import ImagePreprocessing
 
 
 def _tall_receipt() -> Image.Image:

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from models.encoders import EncoderUnavailableError, encoder_names, get_encoder_class
-from tests.conftest import ENCODER_CHECKPOINT
+from tests.conftest import build_tiny_encoder
 
 NAMES = encoder_names()
 SIZES = [(224, 224), (224, 448), (230, 300)]  # square, tall receipt (W x 2), not a multiple of anything
 
 
 def build(name: str, tiny, size=(224, 224)):
-    return get_encoder_class(name).build(str(tiny[ENCODER_CHECKPOINT[name]]), {}, size)
+    return build_tiny_encoder(tiny, name, size)
 
 
 def test_unknown_name_lists_valid_names():

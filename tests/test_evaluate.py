@@ -14,9 +14,9 @@ from models.inference import ReceiptCounter
 from models.metrics import (accuracy, classification_report, confusion_matrix, expected_calibration_error,
                             macro_f1, per_class_scores)
 from tests.test_inference import draw_image, export_tiny_model
-from tests.test_predict_cli import _load_script
+from tests.conftest import load_script
 
-evaluate = _load_script("evaluate")
+evaluate = load_script("evaluate")
 
 # targets / predictions of six samples; confusion [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
 TARGETS, PREDS = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 0, 2]

@@ -20,7 +20,7 @@ from models.internvl2 import InternVL2MultimodalModel
 from train.data import build_datasets
 from train.lora import inject_lora, lora_groups, merge_lora
 from train.loop import Trainer
-from tests.conftest import ENCODER_CHECKPOINT, make_config
+from tests.conftest import make_config, tiny_checkpoint
 
 REPO = Path(__file__).parents[1]
 QUESTIONS = ["How many receipts?", None, "Is there a receipt, two receipts, or no receipt in this scan?", None,
@@ -225,7 +225,7 @@ def test_a_frozen_llm_training_stage_runs_the_llm_once(tiny_checkpoints, tmp_pat
                     "--train", "8", "--val", "4", "--test", "4", "--size", "64", "--no-contact-sheet"],
                    check=True, capture_output=True)
     config = load_config(REPO / "config" / "base.yaml", [
-        "model.vision.encoder=swinv2", f"model.vision.checkpoint={tiny_checkpoints[ENCODER_CHECKPOINT['swinv2']]}",
+        "model.vision.encoder=swinv2", f"model.vision.checkpoint={tiny_checkpoint(tiny_checkpoints, 'swinv2')}",
         f"model.language.checkpoint={tiny_checkpoints['internvl2']}", "model.vision.image_size=[64, 64]",
         f"data.train={receipts / 'train'}", f"data.val={receipts / 'val'}", f"data.test={receipts / 'test'}",
         "data.batch_size=4", "data.eval_batch_size=4", f"output_dir={tmp_path / 'run'}",

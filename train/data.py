@@ -9,7 +9,7 @@ from typing import Any
 
 from config.schema import DataConfig
 from data import AugmentConfig, ReceiptDataset, load_records
-from models.encoders import ImagePreprocessing
+from data.preprocessing import ImagePreprocessing
 
 
 @dataclass

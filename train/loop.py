@@ -44,7 +44,7 @@ from config.schema import Config, StageConfig
 from data import make_dataloader
 from models.card import TrainingSummary, model_card
 from models.internvl2 import InternVL2MultimodalModel
-from models.metrics import accuracy, confusion_matrix, macro_f1, per_class_scores
+from models.metrics import classification_report
 from train.checkpoints import TrainingProgress, check_safe_to_load, save_checkpoint
 from train.data import RunDatasets
 from models.files import append_jsonl, write_json, write_jsonl
@@ -410,19 +410,15 @@ class Trainer:
         model.train()
         if not labels:
             raise RuntimeError("evaluation saw no usable image")
-        probs, labels, names = torch.cat(probs), torch.cat(labels), self.model.class_names
-        preds = probs.argmax(-1)
-        counts = confusion_matrix(labels, preds, len(names))
-        f1 = per_class_scores(counts).f1
-        return {"samples": labels.numel(), "loss": torch.cat(losses).mean().item(), "accuracy": accuracy(labels, preds),
-                "macro_f1": macro_f1(labels, preds, len(names)),
-                "per_class_f1": {name: f1[i].item() for i, name in enumerate(names)},
-                "confusion_matrix": counts.tolist()}
+        names = self.model.class_names
+        report = classification_report(torch.cat(labels), torch.cat(probs), names)
+        return {"samples": report["num_samples"], "loss": torch.cat(losses).mean().item(),
+                "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+                "per_class_f1": {name: report["per_class"][name]["f1"] for name in names},
+                "confusion_matrix": report["confusion_matrix"]["counts"]}
 
     def _encoder_record(self) -> dict[str, Any]:
-        vision = self.model.config.vision
-        return {"encoder": vision.encoder, "requested_encoder": vision.requested_encoder,
-                "fallback_cause": vision.fallback_cause}
+        return self.model.config.vision.encoder_record()
 
     def export(self, name: str, evaluation: dict[str, Any] | None = None) -> Path | None:
         """Write the self-describing model folder RUN/name/ (LoRA merged), the run's resolved config, and a

@@ -18,7 +18,7 @@ from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import ProjectConfiguration, set_seed
 from transformers.utils import logging as hf_logging
 
-from config import Config, load_config, save_config, to_dict
+from config import Config, config_differences, load_config, save_config
 from config.loader import ConfigError
 from models.build import build_model
 from train.checkpoints import (RESOLVED_CONFIG, UnsafeCheckpointError, latest_checkpoint, read_progress,
@@ -112,21 +112,13 @@ def _prepare_run_dir(accelerator: Accelerator, config: Config, run_dir: Path, re
 
 def _check_same_config(config: Config, saved_path: Path, allow_change: bool) -> None:
     saved = load_config(saved_path)
-    diffs = _diff(to_dict(saved), to_dict(config), "")
+    diffs = [f"{key}: {v['saved']!r} -> {v['now']!r}"
+             for key, v in config_differences({"saved": saved, "now": config}).items()]
     if diffs and not allow_change:
         raise SystemExit(f"refusing to resume into a different config ({saved_path}):\n  " + "\n  ".join(diffs)
                          + "\npass --allow-config-change to resume anyway")
     if diffs:
         logger.warning("resuming with a changed config: %s", "; ".join(diffs))
-
-
-def _diff(old: object, new: object, path: str) -> list[str]:
-    """Leaf-level differences between two config dicts, as "a.b.c: old -> new"."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for k in sorted(set(old) | set(new)) for d in _diff(old.get(k), new.get(k), f"{path}.{k}".lstrip("."))]
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _diff(a, b, f"{path}.{i}")]
-    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
 
 
 def _truncate(path: Path, keep: int) -> None:

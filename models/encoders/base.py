@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from data.preprocessing import ImagePreprocessing
+
 
 class EncoderUnavailableError(RuntimeError):
     """The encoder could not be built (missing or unreadable weights, bad config, import error).
@@ -25,32 +27,28 @@ class EncoderUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class ImagePreprocessing:
-    """How images must be prepared for an encoder.
+class EncoderRecipe:
+    """What an adapter declares so that tests, demos and benchmarks need no per-encoder table.
 
     Attributes:
-        size: target (height, width) in pixels.
-        mean: per-channel RGB mean, applied after scaling pixels to [0, 1].
-        std: per-channel RGB std.
-        resize: "pad" keeps the aspect ratio and pads to `size` (tall receipts are not squashed);
-            "resize" stretches to `size`.
-        pad_value: RGB fill (0-255) for the padded border.
+        tiny_checkpoint: the `models.tiny.write_tiny_checkpoints` folder (by name) it loads in tests,
+            the demo and the encoder A/B comparison; None: those build it at random from `tiny_config`.
+        tiny_config: a random-init backbone config small enough for a unit test (a few thousand
+            parameters, inputs of 56-224 px).
+        benchmark_config: a random-init config matched in depth, width and cost to the other encoders'
+            (12 blocks, about 6 M parameters), for scripts/benchmark.py's scaling table.
+        real_checkpoint: the hub id of the real weights it pairs with.
+        real_config: that checkpoint's backbone config, for random-weight runs at real shapes.
+        pixel_shuffle: the token merge the whole-model benchmarks put before the LLM (InternVL merges
+            2 x 2 ViT tokens; a Swin's last stage is coarse already).
     """
 
-    size: tuple[int, int]
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: str = "pad"
-    pad_value: tuple[int, int, int] = (255, 255, 255)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize, "pad_value": list(self.pad_value)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ImagePreprocessing":
-        return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   resize=d.get("resize", "pad"), pad_value=tuple(d.get("pad_value", (255, 255, 255))))
+    tiny_checkpoint: str | None
+    tiny_config: dict[str, Any]
+    benchmark_config: dict[str, Any]
+    real_checkpoint: str
+    real_config: dict[str, Any]
+    pixel_shuffle: int = 1
 
 
 @dataclass(frozen=True)
@@ -79,13 +77,17 @@ class EncoderOutput:
 
 
 class VisionEncoder(nn.Module, abc.ABC):
-    """Abstract adapter. Subclasses register with `models.encoders.registry.register_encoder`.
+    """Abstract adapter. Each adapter is listed once, in `models.encoders.registry.ENCODERS`.
 
     Modules never freeze themselves and never run under `torch.no_grad()`: trainability is decided
     once, outside, by the training policy through `parameter_groups()`.
     """
 
     name: ClassVar[str]
+    recipe: ClassVar[EncoderRecipe]
+    # True for InternVL2's own tower: its weights (and a matching projector) live in the language
+    # checkpoint, so the builder hands over the loaded tower and reuses the checkpoint's projector.
+    in_language_checkpoint: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod

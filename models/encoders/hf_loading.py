@@ -15,7 +15,8 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.image_processing_utils import ImageProcessingMixin
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from models.encoders.base import EncoderUnavailableError, ImagePreprocessing, VisionEncoder
+from data.preprocessing import ImagePreprocessing
+from models.encoders.base import EncoderUnavailableError, VisionEncoder
 
 Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 

@@ -13,12 +13,25 @@ import torch
 from torch import nn
 from transformers import InternVLModel, InternVLVisionConfig, InternVLVisionModel
 
-from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing
+from data.preprocessing import ImagePreprocessing
+from models.encoders.base import EncoderOutput, EncoderRecipe, EncoderUnavailableError, FeatureInfo
 from models.encoders.hf_loading import HFBackboneEncoder, checkpoint_preprocessing, make_config, read_config_dict
 
 
 class InternViTEncoder(HFBackboneEncoder):
     name = "internvit"
+    in_language_checkpoint = True
+    recipe = EncoderRecipe(
+        tiny_checkpoint="internvl2",
+        tiny_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                         patch_size=[14, 14], use_mean_pooling=True),
+        # ViT-Ti width (192, 3 heads, MLP 768), 12 layers, InternViT's patch 14: 5.6 M parameters
+        benchmark_config=dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                              patch_size=[14, 14], use_mean_pooling=True),
+        real_checkpoint="OpenGVLab/InternVL2_5-1B",  # InternViT-300M-448px
+        real_config=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                         patch_size=[14, 14], norm_type="layer_norm", use_qk_norm=False),
+        pixel_shuffle=2)
 
 
     @classmethod

@@ -1,5 +1,9 @@
 """The one place that maps an encoder name to its adapter class.
 
+Adding an encoder is one adapter file (a `VisionEncoder` subclass with a `name` and an `EncoderRecipe`)
+plus one line in `ENCODERS`; tests, benchmarks and the encoder comparison read everything else from
+the adapter (docs/architecture.md shows an example).
+
 Adapters are imported lazily, so a missing optional dependency of one encoder is reported as
 `EncoderUnavailableError` for that encoder (and can trigger the configured fallback) instead of
 breaking every import.
@@ -9,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-from models.encoders.base import EncoderUnavailableError, VisionEncoder
+from models.encoders.base import EncoderRecipe, EncoderUnavailableError, VisionEncoder
 
 ENCODERS: dict[str, str] = {
     "internvit": "models.encoders.internvit:InternViTEncoder",
@@ -22,6 +26,18 @@ ENCODERS: dict[str, str] = {
 def encoder_names() -> list[str]:
     """Every registered encoder name."""
     return list(ENCODERS)
+
+
+def encoder_recipes() -> dict[str, EncoderRecipe]:
+    """Name -> `EncoderRecipe` of every registered encoder whose adapter imports (the others are left out;
+    `get_encoder_class` names why)."""
+    recipes = {}
+    for name in ENCODERS:
+        try:
+            recipes[name] = get_encoder_class(name).recipe
+        except EncoderUnavailableError:
+            continue
+    return recipes
 
 
 def get_encoder_class(name: str) -> type[VisionEncoder]:

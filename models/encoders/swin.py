@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel, SwinConfig, SwinModel, Swinv2Config, Swinv2Model
 
-from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing
+from data.preprocessing import ImagePreprocessing
+from models.encoders.base import EncoderOutput, EncoderRecipe, EncoderUnavailableError, FeatureInfo
 from models.encoders.hf_loading import HFBackboneEncoder, checkpoint_preprocessing, make_config, read_config_dict
 
 
@@ -86,8 +87,21 @@ class _HFSwinFamilyEncoder(HFBackboneEncoder):
         return EncoderOutput(tokens=tokens, grid=grids[-1], stages=stages, stage_grids=grids)
 
 
+# Swin-T's layout (depths 2-2-6-2, patch 4, window 7) at half its width: 6.9 M parameters, 12 blocks
+SWIN_BENCHMARK = dict(patch_size=4, embed_dim=48, depths=[2, 2, 6, 2], num_heads=[2, 4, 8, 16], window_size=7,
+                      mlp_ratio=4.0, drop_path_rate=0.0)
+
+
 class SwinEncoder(_HFSwinFamilyEncoder):
     name = "swin"
+    recipe = EncoderRecipe(
+        tiny_checkpoint="swin",
+        tiny_config=dict(patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=7,
+                         drop_path_rate=0.0),
+        benchmark_config=SWIN_BENCHMARK,
+        real_checkpoint="microsoft/swin-base-patch4-window7-224",
+        real_config=dict(patch_size=4, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=7,
+                         drop_path_rate=0.0))
     config_class = SwinConfig
     model_class = SwinModel
     model_types = ("swin",)
@@ -106,8 +120,19 @@ class SwinEncoder(_HFSwinFamilyEncoder):
                                  f"needs inputs of at least {smallest}x{smallest} here (swinv2 has no such limit)")
 
 
+SWINV2_RECIPE = EncoderRecipe(
+    tiny_checkpoint="swinv2",
+    tiny_config=dict(patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1], window_size=7, mlp_ratio=2.0,
+                     drop_path_rate=0.0),
+    benchmark_config=SWIN_BENCHMARK,
+    real_checkpoint="microsoft/swinv2-base-patch4-window8-256",
+    real_config=dict(patch_size=4, embed_dim=128, depths=[2, 2, 18, 2], num_heads=[4, 8, 16, 32], window_size=8,
+                     drop_path_rate=0.0))
+
+
 class Swinv2Encoder(_HFSwinFamilyEncoder):
     name = "swinv2"
+    recipe = SWINV2_RECIPE
     config_class = Swinv2Config
     model_class = Swinv2Model
     model_types = ("swinv2",)

@@ -22,9 +22,10 @@ import torch
 from torch import nn
 from transformers import Swinv2Config, Swinv2Model
 
-from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, ImagePreprocessing, VisionEncoder
+from data.preprocessing import ImagePreprocessing
+from models.encoders.base import EncoderOutput, EncoderUnavailableError, FeatureInfo, VisionEncoder
 from models.encoders.hf_loading import checkpoint_preprocessing, make_config
-from models.encoders.swin import load_hf_swin, swin_parameter_groups
+from models.encoders.swin import SWINV2_RECIPE, load_hf_swin, swin_parameter_groups
 from models.swinv2 import SwinTransformerV2, config_from_transformers, from_transformers
 
 # The swinv2 adapter's targets (query/key/value, attention.output.dense, intermediate.dense,
@@ -36,6 +37,7 @@ class Swinv2InhouseEncoder(VisionEncoder):
     """`VisionEncoder` over `models.swinv2.SwinTransformerV2`, held as `self.backbone`."""
 
     name = "swinv2_inhouse"
+    recipe = SWINV2_RECIPE  # weight-compatible with Swinv2Model: the same checkpoints and shapes
 
     def __init__(self, backbone: SwinTransformerV2, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> None:
         super().__init__()
