@@ -26,6 +26,7 @@ from accelerate.utils import LoggerType
 
 from config.loader import to_dict
 from config.schema import Config
+from models.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -129,10 +130,7 @@ class RunTracker:
 
     def _save_ids(self, ids: dict[str, Any]) -> None:
         if self.accelerator.is_main_process:
-            path = self.run_dir / TRACKERS_FILE
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps(ids, indent=1))
-            tmp.replace(path)
+            write_json(self.run_dir / TRACKERS_FILE, ids)
 
     def log(self, values: dict[str, float], step: int) -> None:
         """Send scalars at `step` (main process only, inside accelerate)."""
