@@ -1,40 +1,49 @@
-"""Loading the InternVL2 checkpoint: its Qwen2 language model, its tokenizer, and (for `internvit`) its
-vision tower and projector, all in transformers' native InternVL format."""
+"""The InternVL checkpoint's tokenizer, loaded without remote code.
+
+Qwen2-based folders (both layouts) carry a tokenizer transformers knows (`AutoTokenizer`). InternLM2-based
+original folders name their remote `InternLM2Tokenizer`; it is a sentencepiece model (`tokenizer.model`),
+which transformers' `LlamaTokenizer` reads (needs the `sentencepiece` package: `pip install -e .[internlm2]`).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, InternVLModel, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+from transformers.utils import is_sentencepiece_available
 
-from models.encoders.hf_loading import looks_local
+_SENTENCEPIECE_CLASSES = ("InternLM2Tokenizer", "InternLM2TokenizerFast")
 
 
-def load_internvl(checkpoint: str, trust_remote_code: bool = False) -> InternVLModel:
-    """The whole InternVL model (vision tower, projector, LLM) from a folder or hub id.
+def load_tokenizer(checkpoint: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer, with a pad token (right padding: the LLM is causal, pooling is masked).
 
     Raises:
-        FileNotFoundError: the folder does not exist.
-        ValueError: the checkpoint is not in transformers' native InternVL format.
+        ImportError: an InternLM2 sentencepiece tokenizer without the sentencepiece package (how to install).
     """
-    if looks_local(checkpoint) and not Path(checkpoint).is_dir():
-        raise FileNotFoundError(f"language checkpoint {checkpoint} does not exist; write the tiny one with "
-                                f"`python scripts/make_tiny_checkpoints.py --out checkpoints/tiny` or point "
-                                f"model.language.checkpoint at an InternVL2 folder")
-    config_dict, _ = PretrainedConfig.get_config_dict(checkpoint)
-    if config_dict.get("model_type") != "internvl":
-        raise ValueError(f"{checkpoint}: model_type {config_dict.get('model_type')!r} is not transformers' native "
-                         f"'internvl' format (original OpenGVLab 'internvl_chat' folders must be converted with "
-                         f"transformers' convert_internvl_weights_to_hf.py first)")
-    return InternVLModel.from_pretrained(checkpoint, trust_remote_code=trust_remote_code,
-                                         dtype=torch.float32)
-
-
-def load_tokenizer(checkpoint: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The checkpoint's tokenizer, with a pad token (right padding: the LLM is causal, pooling is masked)."""
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    folder = Path(checkpoint)
+    tokenizer_class = _tokenizer_class(folder)
+    if tokenizer_class in _SENTENCEPIECE_CLASSES:
+        if not is_sentencepiece_available():
+            raise ImportError(f"{folder}: its {tokenizer_class} is a sentencepiece model; reading it needs the "
+                              f"sentencepiece package: pip install -e .[internlm2]")
+        # InternLM2Tokenizer = sentencepiece with a BOS token and no EOS appended, no legacy space handling
+        tokenizer = LlamaTokenizer.from_pretrained(str(folder), add_bos_token=True, add_eos_token=False,
+                                                   legacy=False)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
     return tokenizer
+
+
+def _tokenizer_class(folder: Path) -> str | None:
+    path = folder / "tokenizer_config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("tokenizer_class")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
+from transformers import InternVLModel
 
 from models.build import build_model
 from models.encoders import EncoderUnavailableError, encoder_names
 from models.internvl2 import InternVL2MultimodalModel
-from models.language import load_internvl
 from tests.conftest import make_config
 
 NAMES = encoder_names()
@@ -78,7 +78,7 @@ def test_optimizer_steps_change_exactly_the_trainable_groups(name, groups, tiny_
 
 def test_internvit_reuses_the_checkpoint_projector(tiny_checkpoints):
     model = build(tiny_checkpoints, "internvit").eval()
-    internvl = load_internvl(str(tiny_checkpoints["internvl2"])).eval()
+    internvl = InternVLModel.from_pretrained(tiny_checkpoints["internvl2"]).eval()  # transformers alone
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         ref = internvl.get_image_features(pixel_values=x).pooler_output

@@ -86,13 +86,13 @@ class VisionEncoder(nn.Module, abc.ABC):
     name: ClassVar[str]
     recipe: ClassVar[EncoderRecipe]
     # True for InternVL2's own tower: its weights (and a matching projector) live in the language
-    # checkpoint, so the builder hands over the loaded tower and reuses the checkpoint's projector.
+    # checkpoint, so the builder reuses the checkpoint's projector when both point at the same folder.
     in_language_checkpoint: ClassVar[bool] = False
 
     @classmethod
     @abc.abstractmethod
     def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
-              resize: str = "pad", **kwargs: Any) -> "VisionEncoder":
+              resize: str = "pad", load_weights: bool = True, **kwargs: Any) -> "VisionEncoder":
         """Build from a local folder / hub id (`checkpoint`) or at random from a config.
 
         Args:
@@ -100,6 +100,8 @@ class VisionEncoder(nn.Module, abc.ABC):
             config_overrides: backbone config fields (the whole config for random init).
             image_size: (height, width) the encoder will be fed.
             resize: "pad" or "resize", recorded in `preprocessing`.
+            load_weights: False builds the checkpoint's architecture from its config alone, reading no
+                tensor (the dry-run plan builds this way under `torch.device("meta")`).
 
         Raises:
             EncoderUnavailableError: weights missing or unreadable, bad config, import error.

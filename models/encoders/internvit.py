@@ -1,21 +1,26 @@
 """Adapter `internvit`: InternVL2's own vision tower (transformers' native `InternVLVisionModel`).
 
-Weights come from an InternVL2 checkpoint folder (model_type "internvl"; the ViT is its
-`vision_tower`), from a vision-only folder (model_type "internvl_vision"), or at random from an
+Weights come from an InternVL checkpoint folder in either layout (OpenGVLab's original `internvl_chat`
+or transformers' `internvl`; `models.internvl_checkpoint` reads both, up to the checkpoint's
+`select_layer` only), from a vision-only folder (model_type "internvl_vision"), or at random from an
 `InternVLVisionConfig`. The CLS token is dropped, as InternVL does ("default" feature selection).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import InternVLModel, InternVLVisionConfig, InternVLVisionModel
+from transformers import InternVLVisionConfig, InternVLVisionModel
 
 from data.preprocessing import ImagePreprocessing
 from models.encoders.base import EncoderOutput, EncoderRecipe, EncoderUnavailableError, FeatureInfo
 from models.encoders.hf_loading import HFBackboneEncoder, checkpoint_preprocessing, make_config, read_config_dict
+from models.internvl_checkpoint import InternVLCheckpoint, resolve_folder
+
+logger = logging.getLogger(__name__)
 
 
 class InternViTEncoder(HFBackboneEncoder):
@@ -36,8 +41,7 @@ class InternViTEncoder(HFBackboneEncoder):
 
     @classmethod
     def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
-              resize: str = "pad", source_model: InternVLModel | None = None, **kwargs: Any) -> "InternViTEncoder":
-        """See `VisionEncoder.build`; `source_model` is an InternVLModel already loaded from `checkpoint`."""
+              resize: str = "pad", load_weights: bool = True, **kwargs: Any) -> "InternViTEncoder":
         preprocessing = checkpoint_preprocessing(checkpoint, image_size, resize)
         if checkpoint is None:
             config = make_config(InternVLVisionConfig, config_overrides, cls.name)
@@ -45,12 +49,20 @@ class InternViTEncoder(HFBackboneEncoder):
         if config_overrides:
             raise EncoderUnavailableError(f"encoder 'internvit': config overrides {sorted(config_overrides)} "
                                           f"cannot be applied to the pretrained tower in {checkpoint}")
-        if source_model is None:
-            model_type = read_config_dict(checkpoint, ("internvl", "internvl_vision"), cls.name)["model_type"]
-            source_model = _load(InternVLVisionModel if model_type == "internvl_vision" else InternVLModel,
-                                 checkpoint)
-        backbone = source_model.vision_tower if isinstance(source_model, InternVLModel) else source_model
-        return cls(backbone, preprocessing)
+        model_type = read_config_dict(checkpoint, ("internvl_chat", "internvl", "internvl_vision"),
+                                      cls.name)["model_type"]
+        if model_type == "internvl_vision":
+            config = InternVLVisionConfig.from_pretrained(checkpoint)
+            backbone = _load(checkpoint) if load_weights else InternVLVisionModel(config)
+            return cls(backbone, preprocessing)
+        try:
+            source = InternVLCheckpoint.read(resolve_folder(checkpoint))
+        except (OSError, ValueError) as e:
+            raise EncoderUnavailableError(f"encoder 'internvit': {e}") from e
+        if tuple(preprocessing.size) != (source.image_size, source.image_size):
+            logger.warning("encoder 'internvit': %s was trained at %d px (force_image_size); at %s its position "
+                           "embeddings are interpolated", checkpoint, source.image_size, list(preprocessing.size))
+        return cls(source.vision_tower(load_weights), preprocessing)
 
     @classmethod
     def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "InternViTEncoder":
@@ -91,8 +103,8 @@ class InternViTEncoder(HFBackboneEncoder):
         return EncoderOutput(tokens=tokens, grid=grid, stages=[tokens], stage_grids=[grid])
 
 
-def _load(model_class: type, checkpoint: str) -> nn.Module:
+def _load(checkpoint: str) -> nn.Module:
     try:
-        return model_class.from_pretrained(checkpoint, dtype=torch.float32)
+        return InternVLVisionModel.from_pretrained(checkpoint, dtype=torch.float32)
     except OSError as e:  # weights missing or unreadable
         raise EncoderUnavailableError(f"encoder 'internvit': cannot load weights from {checkpoint}: {e}") from e

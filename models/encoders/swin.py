@@ -30,14 +30,14 @@ class _HFSwinFamilyEncoder(HFBackboneEncoder):
 
     @classmethod
     def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
-              resize: str = "pad", **kwargs: Any) -> "_HFSwinFamilyEncoder":
+              resize: str = "pad", load_weights: bool = True, **kwargs: Any) -> "_HFSwinFamilyEncoder":
         preprocessing = checkpoint_preprocessing(checkpoint, image_size, resize)
         if checkpoint is None:
             config = make_config(cls.config_class, config_overrides, cls.name)
             backbone = cls.model_class(config, add_pooling_layer=False)
         else:
             backbone = load_hf_swin(cls.model_class, cls.config_class, cls.model_types, checkpoint,
-                                    config_overrides, cls.name)
+                                    config_overrides, cls.name, load_weights)
         encoder = cls(backbone, preprocessing)
         encoder.check_input_size(preprocessing.size)
         return encoder
@@ -140,8 +140,11 @@ class Swinv2Encoder(_HFSwinFamilyEncoder):
 
 
 def load_hf_swin(model_class: type[PreTrainedModel], config_class: type[PretrainedConfig], model_types: tuple[str, ...],
-                 checkpoint: str, config_overrides: dict[str, Any], encoder: str) -> PreTrainedModel:
+                 checkpoint: str, config_overrides: dict[str, Any], encoder: str,
+                 load_weights: bool = True) -> PreTrainedModel:
     """A transformers Swin-family backbone (no pooler) from a folder or hub id, float32.
+
+    `load_weights=False` builds the folder's architecture from its config.json alone.
 
     Raises:
         EncoderUnavailableError: missing folder/weights, unreadable or foreign config, bad override.
@@ -149,6 +152,8 @@ def load_hf_swin(model_class: type[PreTrainedModel], config_class: type[Pretrain
     config_dict = read_config_dict(checkpoint, model_types, encoder)
     fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "transformers_version")}
     config = make_config(config_class, {**fields, **config_overrides}, encoder)
+    if not load_weights:
+        return model_class(config, add_pooling_layer=False)
     try:
         return model_class.from_pretrained(checkpoint, config=config, add_pooling_layer=False, dtype=torch.float32)
     except OSError as e:  # config present but weights missing or unreadable

@@ -48,7 +48,7 @@ class Swinv2InhouseEncoder(VisionEncoder):
     # -- construction ------------------------------------------------------------------------------
     @classmethod
     def build(cls, checkpoint: str | None, config_overrides: dict[str, Any], image_size: tuple[int, int],
-              resize: str = "pad", **kwargs: Any) -> "Swinv2InhouseEncoder":
+              resize: str = "pad", load_weights: bool = True, **kwargs: Any) -> "Swinv2InhouseEncoder":
         """From a transformers Swin V2 folder / hub id, or at random from Swinv2Config fields."""
         preprocessing = checkpoint_preprocessing(checkpoint, image_size, resize)
         overrides = dict(config_overrides)
@@ -56,7 +56,8 @@ class Swinv2InhouseEncoder(VisionEncoder):
         if checkpoint is None:
             config = make_config(Swinv2Config, overrides, cls.name)
             return cls(_backbone_from_config(config, chunk_mib), config.to_dict(), preprocessing)
-        hf_model = load_hf_swin(Swinv2Model, Swinv2Config, ("swinv2",), checkpoint, overrides, cls.name)
+        hf_model = load_hf_swin(Swinv2Model, Swinv2Config, ("swinv2",), checkpoint, overrides, cls.name,
+                                load_weights)
         try:
             backbone = from_transformers(hf_model, chunk_mib).train()
         except ValueError as e:  # a bad chunk_mib
