@@ -178,8 +178,11 @@ class InternVLCheckpoint:
         if not single.is_file():
             raise FileNotFoundError(f"{self.folder} has no model.safetensors or model.safetensors.index.json "
                                     f"(only safetensors weights are read; .bin pickles never are)")
-        with safe_open(str(single), framework="pt") as f:
-            return {key: single.name for key in f.keys()}
+        try:
+            with safe_open(str(single), framework="pt") as f:
+                return {key: single.name for key in f.keys()}
+        except Exception as e:  # safetensors raises its own SafetensorError for a damaged header
+            raise ValueError(f"{single} is not a readable safetensors file: {e}") from e
 
     def _load(self, model_class: type[PreTrainedModel], config: PretrainedConfig, key_mapping: dict[str, str],
               what: str) -> PreTrainedModel:

@@ -8,11 +8,11 @@ on CUDA the device is synchronised around every timed call.
 FLOPs (`count_flops`): `torch.utils.flop_counter.FlopCounterMode`, 2 per multiply-add, with CPU fused
 attention counted too (torch counts only the CUDA kernels).
 
-Memory (`peak_memory_mib`, `rss_mib`): on CPU the growth of the process's resident-set high-water
+Memory (`peak_memory_mib`, `reset_peak_memory` / `peak_memory_since_reset_mib`, `rss_mib`): on CPU the growth of the process's resident-set high-water
 mark (VmHWM, reset through /proc/self/clear_refs) over its resident set just before the call; pin
 glibc's mmap threshold first (`pin_malloc_to_mmap`) so freed activations go back to the OS instead of
 hiding in the heap. On CUDA `torch.cuda.max_memory_allocated` over the call, minus what was allocated
-before it.
+before it. The trainer uses the reset / since-reset pair for each stage's peak (absolute, not growth).
 
 Reporting: `markdown_table`, `machine_info` (what a timing depends on, load average included),
 `parse_size` / `size_label` for "448" and "1344x448" sizes. Nothing here asserts a speed.
@@ -40,7 +40,8 @@ MALLOC_PIN_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "
 
 
 # ------------------------------------------------------------------------------------------ timing
-def _synchronize(device: torch.device | None) -> None:
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU."""
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -62,10 +63,10 @@ def alternate_timings(steps: dict[str, Callable[[], Any]], repeats: int, warmup:
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         for name in (names if r % 2 == 0 else names[::-1]):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             steps[name]()
-            _synchronize(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -166,23 +167,47 @@ def child_pids(pid: int) -> list[int]:
         return []
 
 
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak: CUDA's peak statistics, or the CPU process's VmHWM; False if it cannot be reset."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_since_reset_mib(device: torch.device) -> float | None:
+    """The peak since `reset_peak_memory`: `torch.cuda.max_memory_allocated` on CUDA, else peak RSS (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = status_kib("VmHWM")
+    return None if peak is None else peak / 1024
+
+
+def peak_memory_kind(device: torch.device) -> str:
+    """What `peak_memory_since_reset_mib` measures on `device`, in words."""
+    return "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM)"
+
+
 def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> float | None:
     """Extra memory one call of `fn` needs at its peak, in MiB (see the module docstring); None if unknown."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident set
-    except OSError:
+    else:
+        before = status_kib("VmRSS")
+    if not reset_peak_memory(device) or before is None:
         return None
-    before = status_kib("VmRSS")
     fn()
-    peak = status_kib("VmHWM")
-    return None if before is None or peak is None else (peak - before) / 1024
+    peak = peak_memory_since_reset_mib(device)
+    if peak is None:
+        return None
+    return peak - (before / 2**20 if device.type == "cuda" else before / 1024)
 
 
 # --------------------------------------------------------------------------------------- reporting

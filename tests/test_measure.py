@@ -54,6 +54,16 @@ def test_peak_memory_sees_a_large_temporary_allocation() -> None:
     assert peak is not None and peak >= 48
 
 
+def test_the_peak_since_a_reset_is_absolute_and_includes_a_freed_tensor() -> None:
+    measure.pin_malloc_to_mmap()
+    assert measure.reset_peak_memory(CPU)
+    start = measure.peak_memory_since_reset_mib(CPU)
+    assert abs(start - measure.rss_mib()) < 16  # right after a reset, the peak is the resident set
+    torch.ones(64 * 2**20 // 4).sum()  # a 64 MiB tensor, freed at once
+    assert measure.peak_memory_since_reset_mib(CPU) - start >= 48
+    assert measure.peak_memory_kind(CPU) == "peak RSS (VmHWM)"
+
+
 def test_process_status_fields() -> None:
     assert measure.status_kib("VmRSS") > 0 and measure.rss_mib() > 0
     assert measure.status_kib("NoSuchField") is None and measure.rss_mib(2**22 + 1) == 0.0

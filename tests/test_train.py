@@ -45,6 +45,11 @@ def test_full_run_writes_manifests_metrics_and_exports(tiny_checkpoints, receipt
     final = InternVL2MultimodalModel.from_pretrained(out / "final")  # LoRA merged: a plain model loads
     assert not has_lora(final) and final.config.vision.encoder == "swinv2"
     assert (out / "best" / "config.json").is_file() and (out / "final" / "run_config.yaml").is_file()
+    timing = json.loads((out / "timing.json").read_text())["stages"]
+    assert [t["stage"] for t in timing] == ["align", "vision", "lora"]
+    # 12 images at batch 4: 3 optimizer steps per stage, the first timed apart as warm-up
+    assert all(t["timed_steps"] == 2 and 0 < t["seconds_per_step"] < t["seconds"] for t in timing)
+    assert all(t["peak_memory_mib"] > 100 and t["peak_memory"] == "peak RSS (VmHWM)" for t in timing)
 
 
 def test_frozen_parameters_stay_bit_identical(tiny_checkpoints, receipts, tmp_path):

@@ -59,6 +59,9 @@ class TrainingProgress:
     window_steps: int = 0
     skipped_images: int = 0  # bad images skipped so far in the run
     stage_seconds: dict[str, float] = field(default_factory=dict)  # stage index -> training wall time
+    # stage index -> [seconds of its first optimizer step, seconds of the later ones, how many later ones]
+    stage_step_seconds: dict[str, list[float]] = field(default_factory=dict)
+    stage_peak_mib: dict[str, float] = field(default_factory=dict)  # stage index -> peak memory while training
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

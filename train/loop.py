@@ -44,6 +44,7 @@ from config.schema import Config, StageConfig
 from data import make_dataloader
 from models.card import TrainingSummary, model_card
 from models.internvl2 import InternVL2MultimodalModel
+from models.measure import peak_memory_kind, peak_memory_since_reset_mib, reset_peak_memory, synchronize
 from models.metrics import classification_report
 from train.checkpoints import TrainingProgress, check_safe_to_load, save_checkpoint
 from train.data import RunDatasets
@@ -128,7 +129,9 @@ class Trainer:
                 logger.info("resumed from %s (stage %d, epoch %d, step %d)", resume_from,
                             self.progress.stage, self.progress.epoch, self.progress.global_step)
             self._clock = time.perf_counter()
+            reset_peak_memory(self.accelerator.device)
             self._train_stage(run)
+            self._record_peak_memory(run)
             self._previous_optimizer = run.optimizer.optimizer
             self.progress.stage, self.progress.epoch, self.progress.batches_done = index + 1, 0, 0
             self.progress.stage_step, self.progress.bad_epochs, self.progress.stage_stopped_early = 0, 0, False
@@ -246,10 +249,13 @@ class Trainer:
         run.model.train()
         bar = tqdm(loader, desc=f"{run.config.name} epoch {p.epoch + 1}/{run.config.epochs}",
                    disable=not acc.is_local_main_process, initial=p.batches_done, total=len(run.train_loader))
+        step_start = time.perf_counter()
         for batch in bar:
             self._train_step(run, batch)
             p.batches_done += 1
             if acc.sync_gradients:
+                synchronize(acc.device)
+                self._time_step(run, time.perf_counter() - step_start)
                 p.stage_step, p.global_step = p.stage_step + 1, p.global_step + 1
                 last = p.batches_done == len(run.train_loader) or self._hit_max_steps(run)
                 if p.global_step % self.config.train.log_every_steps == 0:
@@ -260,6 +266,7 @@ class Trainer:
                     self._maybe_save_periodic(run)
                 if self._hit_max_steps(run):
                     break
+                step_start = time.perf_counter()
 
     def _train_step(self, run: StageRun, batch: dict) -> None:
         """One micro-batch: forward, backward, (at accumulation boundaries) clip, step; adds to `self._local`."""
@@ -343,11 +350,41 @@ class Trainer:
         if self.accelerator.is_main_process:
             write_json(self.run_dir / "timing.json", self._timing())
 
+    def _time_step(self, run: StageRun, seconds: float) -> None:
+        """Add one optimizer step's wall time: the stage's first apart (warm-up), the later ones summed."""
+        first, later, count = self.progress.stage_step_seconds.setdefault(str(run.index), [0.0, 0.0, 0])
+        if self.progress.stage_step == 0:
+            first = seconds
+        else:
+            later, count = later + seconds, count + 1
+        self.progress.stage_step_seconds[str(run.index)] = [first, later, count]
+
+    def _record_peak_memory(self, run: StageRun) -> None:
+        """The stage's peak memory on this process (the highest over its resumes), logged and kept for timing.json."""
+        peak = peak_memory_since_reset_mib(self.accelerator.device)
+        if peak is None:
+            return
+        key = str(run.index)
+        self.progress.stage_peak_mib[key] = max(peak, self.progress.stage_peak_mib.get(key, 0.0))
+        first, later, count = self.progress.stage_step_seconds.get(key, [0.0, 0.0, 0])
+        logger.info("stage %r: %s s/step over %d steps after the first (%.2f s); peak memory %.0f MiB (%s)",
+                    run.config.name, f"{later / count:.2f}" if count else "-", count, first, peak,
+                    peak_memory_kind(self.accelerator.device))
+
     def _timing(self) -> dict[str, Any]:
-        """Training wall time per stage (its evaluations and exports included), summed over resumes."""
-        stages = self.config.train.stages
-        return {"stages": [{"stage": stages[int(k)].name, "index": int(k), "seconds": round(v, 3)}
-                           for k, v in sorted(self.progress.stage_seconds.items(), key=lambda kv: int(kv[0]))]}
+        """Per stage: training wall time (its evaluations and exports included), summed over resumes;
+        seconds per optimizer step (the first, warm-up, step apart); peak memory while training."""
+        stages, p = self.config.train.stages, self.progress
+        rows = []
+        for k, seconds in sorted(p.stage_seconds.items(), key=lambda kv: int(kv[0])):
+            first, later, count = p.stage_step_seconds.get(k, [None, 0.0, 0])
+            rows.append({"stage": stages[int(k)].name, "index": int(k), "seconds": round(seconds, 3),
+                         "first_step_seconds": None if first is None else round(first, 3),
+                         "seconds_per_step": round(later / count, 3) if count else None, "timed_steps": count,
+                         "peak_memory_mib": None if k not in p.stage_peak_mib else round(p.stage_peak_mib[k], 1),
+                         "peak_memory": peak_memory_kind(self.accelerator.device),
+                         "batch_size": self.config.data.batch_size})
+        return {"stages": rows}
 
     def _end_epoch(self, run: StageRun, train_loss: float) -> dict[str, Any]:
         p = self.progress
