@@ -220,10 +220,10 @@ def _config_from_original(raw: dict[str, Any], path: Path) -> tuple[InternVLConf
         raise ValueError(f"{path}: llm_config.model_type {llm_type!r} ({arch}) is not supported; supported LLMs "
                          f"are qwen2 (InternVL2-1B, 2.5-1B/4B/38B/78B, InternVL3), internlm2 (2.5-2B/8B/26B), llama")
     vision = _vision_fields(raw["vision_config"], raw.get("force_image_size"), path)
+    layer = raw.get("select_layer", -1)
+    _check_feature_layer(layer, vision["num_hidden_layers"], path)
     config = InternVLConfig(vision_config=vision, text_config=text.to_dict(),
-                            downsample_ratio=float(raw.get("downsample_ratio", 0.5)),
-                            vision_feature_layer=int(raw.get("select_layer", -1)))
-    _check_feature_layer(config.vision_feature_layer, config.vision_config.num_hidden_layers, path)
+                            downsample_ratio=float(raw.get("downsample_ratio", 0.5)), vision_feature_layer=layer)
     return config, llm_type
 
 
@@ -265,12 +265,20 @@ def _vision_fields(vision: dict[str, Any], force_image_size: int | None, path: P
 
 
 def _check_feature_layer(layer: Any, total: int, path: Path) -> None:
-    if not isinstance(layer, int) or not -total <= layer < total or layer == 0:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not -total <= layer < total or layer == 0:
         raise ValueError(f"{path}: select_layer / vision_feature_layer {layer!r} is not supported (one layer "
                          f"index in -{total}..{total - 1}, not 0)")
 
 
 # -- the original layout's weight names, as conversions transformers' loader applies ------------------------------
+
+class _ChunkCopies(Chunk):
+    """transformers' `Chunk` whose pieces own their memory: row chunks are views of one tensor, and
+    parameters sharing one storage would be dropped as "shared tensors" by safetensors when saved."""
+
+    def convert(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        return {name: tensor.clone() for name, tensor in super().convert(*args, **kwargs).items()}
+
 
 class _SplitGroupedQKV(ConversionOps):
     """InternLM2's fused `wqkv` -> q, k, v rows: per KV head, its query heads, then its key, then its value."""
@@ -284,7 +292,7 @@ class _SplitGroupedQKV(ConversionOps):
         group = text.num_attention_heads // text.num_key_value_heads
         grouped = tensor.view(text.num_key_value_heads, group + 2, text.head_dim, tensor.shape[-1])
         q, k, v = grouped[:, :group], grouped[:, group], grouped[:, group + 1]
-        return {target: part.reshape(-1, tensor.shape[-1]).contiguous()
+        return {target: part.reshape(-1, tensor.shape[-1]).clone()  # own memory, as in `_ChunkCopies`
                 for target, part in zip(target_patterns, (q, k, v))}
 
 
@@ -307,7 +315,7 @@ register_checkpoint_conversion_mapping(_OriginalInternViT.__name__, [
     WeightRenaming(r"\.attn\.(q_norm|k_norm)\.", r".attention.\1."),
     WeightRenaming(r"\.norm1\.", ".layernorm_before."),
     WeightRenaming(r"\.norm2\.", ".layernorm_after."),
-    WeightConverter("attn.qkv", ["attention.q_proj", "attention.k_proj", "attention.v_proj"], [Chunk(dim=0)]),
+    WeightConverter("attn.qkv", ["attention.q_proj", "attention.k_proj", "attention.v_proj"], [_ChunkCopies(dim=0)]),
 ], overwrite=True)
 
 register_checkpoint_conversion_mapping(_OriginalInternLM2.__name__, [

@@ -96,9 +96,9 @@ def test_the_layout_comes_from_config_json_never_the_folder_name(original, tiny_
 
 
 @pytest.mark.parametrize("llm", ["qwen2", "internlm2"])
-def test_with_swin_only_the_llm_body_is_read(original, tiny_checkpoints, monkeypatch, llm):
+def test_with_a_swin_encoder_only_the_llm_body_is_read(original, tiny_checkpoints, monkeypatch, llm):
     reads = TensorReads(monkeypatch)
-    build(original[llm], "swin", tiny_checkpoints)
+    build(original[llm], "swinv2", tiny_checkpoints)
     from_internvl = {k for k in reads.keys if k.startswith(("vision_model.", "mlp1.", "language_model."))}
     assert from_internvl and all(k.startswith("language_model.model.") for k in from_internvl), sorted(from_internvl)
 
@@ -173,23 +173,28 @@ def test_a_folder_without_safetensors_is_refused_by_name(original, tmp_path):
 
 
 def test_internlm2_tokenizer_equals_its_sentencepiece_model(original, tiny_checkpoints):
-    model = build(original["internlm2"], "swin", tiny_checkpoints)
+    model = build(original["internlm2"], "swinv2", tiny_checkpoints)
     processor = sentencepiece.SentencePieceProcessor(model_file=str(original["internlm2"] / "tokenizer.model"))
     question = model.config.language.question
     ids, _ = model.tokenize([question])
     assert ids[0].tolist() == [processor.bos_id()] + processor.encode(question)
 
 
-@pytest.mark.parametrize("encoder", ["swin", "internvit"])
+@pytest.mark.parametrize("encoder", ["swinv2", "internvit"])
 def test_an_original_folder_trains_through_every_stage_and_predicts(original, tiny_checkpoints, receipts, tmp_path,
                                                                     capsys, encoder):
     folder = original["qwen2"]
+    swinv2 = tiny_checkpoint(tiny_checkpoints, "swinv2")
     vision = [f"model.vision.checkpoint={folder}", "model.vision.image_size=[56, 56]"] if encoder == "internvit" \
-        else [f"model.vision.checkpoint={tiny_checkpoint(tiny_checkpoints, 'swin')}", "model.vision.image_size=[64, 64]"]
+        else [f"model.vision.checkpoint={swinv2}", "model.vision.image_size=[64, 64]"]
     sets = [f"model.language.checkpoint={folder}", f"model.vision.encoder={encoder}", *vision,
             f"data.train={receipts / 'train'}", f"data.val={receipts / 'val'}", f"data.test={receipts / 'test'}",
             "data.batch_size=4", "data.eval_batch_size=4", f"output_dir={tmp_path / 'run'}",
             *[f"train.stages.{i}.max_steps=1" for i in range(3)]]
+    if encoder == "internvit":  # InternViT has no final norm: its stages 2 and 3 tune the last layer only
+        sets += ["train.stages.1.trainable=[projector, head, vision.last_stage]",
+                 "train.stages.2.trainable=[projector, head, vision.last_stage, language.lora]",
+                 "train.stages.1.lr_multipliers={}", "train.stages.2.lr_multipliers={}"]
     assert train_main(["--config", str(REPO / "config" / "base.yaml")] + [a for s in sets for a in ("--set", s)]) == 0
     final = tmp_path / "run" / "final"
     assert json.loads((final / "config.json").read_text())["encoder"] == encoder
@@ -197,3 +202,13 @@ def test_an_original_folder_trains_through_every_stage_and_predicts(original, ti
     assert predict.main(["--checkpoint", str(final), str(receipts / "test")]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(rows) == 6 and all(row["label"] in ("0", "1", "2+") for row in rows)
+
+
+def test_split_weights_own_their_memory(original):
+    """q/k/v split from one fused tensor must not share its storage: safetensors drops shared tensors."""
+    vit = InternVLCheckpoint.read(original["qwen2"]).vision_tower()
+    llm = InternVLCheckpoint.read(original["internlm2"]).language_model()
+    for attention in [vit.encoder.layer[0].attention, llm.layers[0].self_attn]:
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+        storages = {p.weight.untyped_storage().data_ptr() for p in projections}
+        assert len(storages) == 3
