@@ -526,7 +526,8 @@ def hf_internvl_config(preset: str = "internvl2.5-1b", tokenizer: PreTrainedToke
                        vocab_size=t.get("vocab_size", len(tokenizer)), rms_norm_eps=1e-6, tie_word_embeddings=False,
                        rope_theta=1000000.0, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return InternVLConfig(vision_config=vision, text_config=text.to_dict(), downsample_ratio=0.5,
-                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_seq_length=grid * grid // 4,
+                          image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                          image_seq_length=grid * grid // 4,
                           tie_word_embeddings=False)
 
 

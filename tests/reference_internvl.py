@@ -86,7 +86,8 @@ def vit_hidden_states(state: State, v: dict[str, Any], pixel_values: torch.Tenso
     states = [x]
     for i in range(v["num_hidden_layers"]):
         layer = f"vision_model.encoder.layers.{i}."
-        x = x + _vit_attention(_vit_norm(x, state, layer + "norm1", v), state, layer + "attn.", v) * state[layer + "ls1"]
+        attn = _vit_attention(_vit_norm(x, state, layer + "norm1", v), state, layer + "attn.", v)
+        x = x + attn * state[layer + "ls1"]
         mlp = _linear(F.gelu(_linear(_vit_norm(x, state, layer + "norm2", v), state, layer + "mlp.fc1")),
                       state, layer + "mlp.fc2")
         x = x + mlp * state[layer + "ls2"]
@@ -136,7 +137,8 @@ def rope(head_dim: int, seq_len: int, cfg: dict[str, Any]) -> tuple[torch.Tensor
     base, positions = float(cfg["rope_theta"]), torch.arange(seq_len, dtype=torch.float32)
     scaling = cfg.get("rope_scaling")
     if scaling:
-        kind, factor, limit = scaling.get("type", scaling.get("rope_type")), scaling["factor"], cfg["max_position_embeddings"]
+        kind, factor = scaling.get("type", scaling.get("rope_type")), scaling["factor"]
+        limit = cfg["max_position_embeddings"]
         if kind == "linear":
             positions = positions / factor
         elif kind == "dynamic":
@@ -198,7 +200,8 @@ def llm_hidden_states(state: State, llm_cfg: dict[str, Any], input_ids: torch.Te
     attention_mask (B, T): 1 for real tokens; padded keys are never attended to.
     """
     internlm2 = llm_cfg["architectures"][0] == "InternLM2ForCausalLM"
-    attn_norm, mlp_norm = ("attention_norm", "ffn_norm") if internlm2 else ("input_layernorm", "post_attention_layernorm")
+    attn_norm, mlp_norm = ("attention_norm", "ffn_norm") if internlm2 else \
+        ("input_layernorm", "post_attention_layernorm")
     eps = llm_cfg["rms_norm_eps"]
     x = F.embedding(input_ids, state["language_model.model." + ("tok_embeddings" if internlm2 else "embed_tokens")
                                      + ".weight"])

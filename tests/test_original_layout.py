@@ -47,14 +47,24 @@ def _build(folder: Path, *overrides: str) -> InternVL2MultimodalModel:
         raise
 
 
+VARIANTS = {
+    "plain": {},
+    "select_layer-2": {"select_layer": -2},
+    "ps_v1": {"ps_version": "v1"},
+    # as published: bf16, sharded with model.safetensors.index.json (the loader upcasts to float32 exactly)
+    "bf16-sharded": {"dtype": torch.bfloat16, "shard_mib": 0.05},
+    # InternViT-6B's form: RMSNorm blocks and q/k RMSNorm across all heads, no qkv bias
+    "rms_norm-qk_norm": {"vision": {"norm_type": "rms_norm", "qk_normalization": True, "qkv_bias": False}},
+}
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
-    """float32 folders (exact comparisons), per LLM: as published, select_layer -2, and ps_version v1."""
+    """Per LLM and variant, a toy folder, float32 unless the variant says otherwise (exact comparisons)."""
     root = tmp_path_factory.mktemp("original")
-    variants = {"plain": {}, "select_layer-2": {"select_layer": -2}, "ps_v1": {"ps_version": "v1"}}
-    return {(llm, name): write_original_internvl(root / f"{llm}-{name}", llm=llm, dtype=torch.float32, seed=5,
-                                                 **fields)
-            for llm in LLMS for name, fields in variants.items()}
+    return {(llm, name): write_original_internvl(root / f"{llm}-{name}", llm=llm, seed=5,
+                                                 **{"dtype": torch.float32, **fields})
+            for llm in LLMS for name, fields in VARIANTS.items()}
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +138,31 @@ def test_ps_version_v1_is_refused_naming_the_field_and_the_folder(llm, folders):
         _build(folder)
     message = str(info.value)
     assert "ps_version" in message and str(folder) in message, message
+
+
+@pytest.mark.parametrize("llm", LLMS)
+def test_bf16_sharded_folder_loads_through_its_index(llm, folders):
+    folder = folders[llm, "bf16-sharded"]
+    assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    config = read_config(folder)
+    state = load_state(folder)  # bf16 upcast to float32
+    model = _build(folder)
+    pixels = torch.randn(1, 3, SIZE, SIZE)
+    ids, mask = _text_inputs(config["llm_config"]["vocab_size"])
+    with torch.no_grad():
+        tokens = model.encode_images(pixels)
+        text = model.language(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(tokens, extract_feature(state, config["vision_config"], config, pixels),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(text, llm_hidden_states(state, config["llm_config"], ids, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("llm", LLMS)
+def test_rms_norm_and_qk_norm_towers_equal_the_original(llm, folders):
+    folder = folders[llm, "rms_norm-qk_norm"]
+    config = read_config(folder)
+    pixels = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ours = _build(folder).encode_images(pixels)
+    torch.testing.assert_close(ours, extract_feature(load_state(folder), config["vision_config"], config, pixels),
+                               atol=1e-5, rtol=1e-5)

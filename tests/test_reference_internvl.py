@@ -114,7 +114,8 @@ def test_llm_reference_is_causal(folders):
 
 def _hf_vision_config(v: dict) -> InternVLVisionConfig:
     return InternVLVisionConfig(
-        hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"], num_attention_heads=v["num_attention_heads"],
+        hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
+        num_attention_heads=v["num_attention_heads"],
         intermediate_size=v["intermediate_size"], image_size=[v["image_size"]] * 2, patch_size=[v["patch_size"]] * 2,
         attention_bias=v["qkv_bias"], use_qk_norm=v["qk_normalization"], norm_type=v["norm_type"],
         layer_norm_eps=v["layer_norm_eps"], use_mean_pooling=True)
@@ -189,6 +190,7 @@ def test_pixel_shuffle_v2_folds_2x2_neighbourhoods_and_v1_is_its_transpose():
     assert v2.shape == (2, 2, 2, 12)
     # output cell (i, j) holds input cells (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1), channels kept together
     i, j = 1, 0
-    expected = torch.cat([x[:, 2 * i, 2 * j], x[:, 2 * i, 2 * j + 1], x[:, 2 * i + 1, 2 * j], x[:, 2 * i + 1, 2 * j + 1]], -1)
+    expected = torch.cat([x[:, 2 * i, 2 * j], x[:, 2 * i, 2 * j + 1], x[:, 2 * i + 1, 2 * j],
+                          x[:, 2 * i + 1, 2 * j + 1]], dim=-1)
     torch.testing.assert_close(v2[:, i, j], expected)
     torch.testing.assert_close(pixel_shuffle(x, 0.5, "v1"), v2.transpose(1, 2))

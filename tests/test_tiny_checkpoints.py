@@ -1,11 +1,20 @@
 import hashlib
+import json
+import math
+import runpy
 import subprocess
 import sys
 from pathlib import Path
 
-from transformers import AutoConfig, AutoTokenizer
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoTokenizer, InternVLForConditionalGeneration, Qwen2Tokenizer
 
-from models.tiny import write_tiny_checkpoints
+from models.tiny import (REMOTE_CODE_FILES, get_preset, hf_internvl_config, hf_tensor_specs, original_internvl_config,
+                         original_llm_config, original_tensor_specs, original_vision_config, write_hf_internvl,
+                         write_original_internvl, write_tiny_checkpoints)
+from tests.conftest import load_script
 
 REPO = Path(__file__).parents[1]
 
@@ -41,20 +50,6 @@ def test_cli_writes_the_three_folders(tmp_path):
 
 
 # --- InternVL folders in OpenGVLab's original layout and in transformers' layout ---------------------------
-
-import json  # noqa: E402
-import math  # noqa: E402
-import runpy  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from transformers import InternVLForConditionalGeneration, Qwen2Tokenizer  # noqa: E402
-
-from tests.conftest import load_script  # noqa: E402
-from models.tiny import (REMOTE_CODE_FILES, get_preset, hf_internvl_config, hf_tensor_specs,  # noqa: E402
-                         original_internvl_config, original_llm_config, original_tensor_specs, original_vision_config,
-                         write_hf_internvl, write_original_internvl)
 
 LLMS = ["qwen2", "internlm2"]
 
@@ -105,7 +100,8 @@ def test_original_folder_holds_what_the_hub_folder_holds(llm, tmp_path):
         assert tokenizer_config["tokenizer_class"] == "Qwen2Tokenizer"
         assert (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
         tokenizer = Qwen2Tokenizer.from_pretrained(folder)
-        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text and len(tokenizer) == config["llm_config"]["vocab_size"]
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+        assert len(tokenizer) == config["llm_config"]["vocab_size"]
     else:
         import sentencepiece
         assert tokenizer_config["tokenizer_class"] == "InternLM2Tokenizer"
