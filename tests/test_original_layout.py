@@ -1,9 +1,5 @@
 """OpenGVLab's original InternVL folders (`internvl_chat`) loaded by `build_model`, checked against the
 independent reference of the original math (tests/reference_internvl.py), for a Qwen2 and an InternLM2 LLM.
-
-These tests check the original-layout loader. Until it lands, `build_model` refuses such folders
-with "... must be converted with transformers' convert_internvl_weights_to_hf.py first"; the tests
-then SKIP, each naming that reason (see `_loader_missing`). Once the loader is in, they run.
 """
 
 from __future__ import annotations
@@ -21,30 +17,14 @@ from models.internvl2 import InternVL2MultimodalModel
 from models.tiny import REMOTE_CODE_FILES, write_original_internvl
 from tests.reference_internvl import extract_feature, llm_hidden_states, load_state, read_config
 
-pytest.importorskip("sentencepiece", reason="InternLM2 folders need the optional `internlm2` extra (sentencepiece)")
-
 REPO = Path(__file__).parents[1]
 LLMS = ["qwen2", "internlm2"]
 SIZE = 56  # the toy preset's native size: a 4 x 4 patch grid, 4 image tokens after the pixel shuffle
-# What `models.language.load_internvl` says about original folders before the original-layout loader exists.
-_OLD_REFUSAL = "must be converted with transformers' convert_internvl_weights_to_hf.py"
-
-
-def _loader_missing(error: Exception, folder: Path) -> None:
-    """Skip, naming why, when the error is the old loader refusing original folders; otherwise do nothing."""
-    if _OLD_REFUSAL in str(error):
-        pytest.skip(f"the original-layout loader has not landed: build_model still refuses {folder.name} ({error})")
-
-
 def _build(folder: Path, *overrides: str) -> InternVL2MultimodalModel:
     config = load_config(REPO / "config" / "base.yaml", [
         f"model.language.checkpoint={folder}", "model.vision.encoder=internvit", f"model.vision.checkpoint={folder}",
         f"model.vision.image_size=[{SIZE}, {SIZE}]", *overrides])
-    try:
-        return build_model(config.model).eval()
-    except ValueError as e:
-        _loader_missing(e, folder)
-        raise
+    return build_model(config.model).eval()
 
 
 VARIANTS = {
@@ -69,7 +49,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], P
 
 @pytest.fixture(scope="module")
 def built(folders) -> dict[str, InternVL2MultimodalModel]:
-    """The plain folder of each LLM built once; a skip here (loader missing) skips the tests using it."""
+    """The plain folder of each LLM built once."""
     return {llm: _build(folders[llm, "plain"]) for llm in LLMS}
 
 

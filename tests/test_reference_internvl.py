@@ -18,7 +18,6 @@ from models.tiny import write_original_internvl
 from tests.reference_internvl import (extract_feature, llm_hidden_states, load_state, pixel_shuffle, read_config,
                                       vit_hidden_states)
 
-pytest.importorskip("sentencepiece", reason="InternLM2 folders need the optional `internlm2` extra (sentencepiece)")
 
 VISION_VARIANTS = {"layer_norm": {}, "rms_norm+qk_norm": {"norm_type": "rms_norm", "qk_normalization": True,
                                                          "qkv_bias": False}}

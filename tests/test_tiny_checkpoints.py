@@ -68,7 +68,6 @@ def tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], str]]:
 
 @pytest.mark.parametrize("llm", LLMS)
 def test_original_folder_same_seed_same_bytes_other_seed_other_weights(llm, tmp_path):
-    pytest.importorskip("sentencepiece", reason="InternLM2 folders need the `internlm2` extra")
     a, b, c = (write_original_internvl(tmp_path / name, llm=llm, seed=seed) for name, seed in
                (("a", 0), ("b", 0), ("c", 1)))
     assert all_digests(a) == all_digests(b)
@@ -77,7 +76,6 @@ def test_original_folder_same_seed_same_bytes_other_seed_other_weights(llm, tmp_
 
 @pytest.mark.parametrize("llm", LLMS)
 def test_original_folder_holds_what_the_hub_folder_holds(llm, tmp_path):
-    pytest.importorskip("sentencepiece", reason="InternLM2 folders need the `internlm2` extra")
     folder = write_original_internvl(tmp_path / llm, llm=llm)
     config = json.loads((folder / "config.json").read_text())
     assert config["model_type"] == "internvl_chat" and config["architectures"] == ["InternVLChatModel"]
@@ -155,7 +153,6 @@ def test_hf_layout_writer_matches_what_transformers_loads(tmp_path):
 
 
 def test_cli_writes_an_original_layout_folder(tmp_path, capsys):
-    pytest.importorskip("sentencepiece", reason="InternLM2 folders need the `internlm2` extra")
     cli = load_script("make_tiny_checkpoints")
     assert cli.main(["--out", str(tmp_path / "o"), "--layout", "original", "--llm", "internlm2"]) == 0
     assert "original layout, internlm2" in capsys.readouterr().out
