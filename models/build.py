@@ -49,8 +49,8 @@ def build_model(config: ModelConfig, load_weights: bool = True) -> InternVL2Mult
     pixel_shuffle = _resolve_pixel_shuffle(config.projector.pixel_shuffle, source if reuse_projector else None)
     resolved = dataclasses.replace(config, vision=vision_config,
                                    projector=dataclasses.replace(config.projector, pixel_shuffle=pixel_shuffle))
-    model = InternVL2MultimodalModel(resolved, vision, language, load_tokenizer(source.folder,
-                                                                                config.language.trust_remote_code))
+    tokenizer = load_tokenizer(source.folder, config.language.trust_remote_code, source.config)
+    model = InternVL2MultimodalModel(resolved, vision, language, tokenizer)
     if reuse_projector:
         _check_projector_reuse(model, source)
         if load_weights:

@@ -10,14 +10,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 from transformers.utils import is_sentencepiece_available
 
 _SENTENCEPIECE_CLASSES = ("InternLM2Tokenizer", "InternLM2TokenizerFast")
 
 
-def load_tokenizer(checkpoint: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(checkpoint: str | Path, trust_remote_code: bool = False, config: PretrainedConfig | None = None
+                   ) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer, with a pad token (right padding: the LLM is causal, pooling is masked).
+
+    `config` is the model's config when the caller has read it already (an original folder's config.json
+    is not one transformers can read, and AutoTokenizer would warn trying).
 
     Raises:
         ImportError: an InternLM2 sentencepiece tokenizer without the sentencepiece package (how to install).
@@ -32,7 +36,7 @@ def load_tokenizer(checkpoint: str | Path, trust_remote_code: bool = False) -> P
         tokenizer = LlamaTokenizer.from_pretrained(str(folder), add_bos_token=True, add_eos_token=False,
                                                    legacy=False)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=trust_remote_code, config=config)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"

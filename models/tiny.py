@@ -161,6 +161,19 @@ PRESETS = {
         text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, max_position_embeddings=32768, vocab_size=151674),
         image_size=448, llms=("qwen2",)),
+    # InternViT-300M-448px + InternLM2.5-7B-chat, as OpenGVLab/InternVL2_5-8B holds them.
+    "internvl2.5-8b": InternVLPreset(
+        vision=dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+        text=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=8, max_position_embeddings=32768, vocab_size=92553),
+        image_size=448, llms=("internlm2",)),
+    # InternViT-6B-448px-V2_5 (qk-norm, RMSNorm, no qkv bias) + Qwen2.5-72B-Instruct, as OpenGVLab/InternVL2_5-78B.
+    "internvl2.5-78b": InternVLPreset(
+        vision=dict(hidden_size=3200, num_hidden_layers=45, num_attention_heads=25, intermediate_size=12800,
+                    qk_normalization=True, norm_type="rms_norm", qkv_bias=False),
+        text=dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8, max_position_embeddings=32768, vocab_size=151674),
+        image_size=448, llms=("qwen2",)),
 }
 
 
@@ -393,7 +406,7 @@ def write_original_internvl(out: str | Path, *, llm: str = "qwen2", preset: str 
                             vision: dict[str, Any] | None = None, text: dict[str, Any] | None = None, seed: int = 0,
                             dtype: torch.dtype = torch.bfloat16, image_size: int | None = None,
                             downsample_ratio: float = 0.5, select_layer: int = -1, ps_version: str = "v2",
-                            shard_mib: float | None = None) -> Path:
+                            shard_mib: float | None = None, weights: bool = True) -> Path:
     """A random InternVL folder in OpenGVLab's original layout, as users download it from the hub.
 
     It holds config.json (`internvl_chat`, with `auto_map`, `llm_config`, `vision_config`), weights by
@@ -411,6 +424,8 @@ def write_original_internvl(out: str | Path, *, llm: str = "qwen2", preset: str 
         image_size: the ViT's native size (its position embeddings); default the preset's.
         downsample_ratio, select_layer, ps_version: the top-level config.json fields of those names.
         shard_mib: shard size in MiB (then model.safetensors.index.json); None writes one file.
+        weights: False writes everything but the weights: enough for `python -m train --dry-run`, which
+            reads config files only (how a 78B model is planned on a laptop).
 
     Returns:
         `out`.
@@ -428,8 +443,9 @@ def write_original_internvl(out: str | Path, *, llm: str = "qwen2", preset: str 
             original_llm_config(llm, llm_fields, dtype), image_size=size, downsample_ratio=downsample_ratio,
             select_layer=select_layer, ps_version=ps_version, dtype=dtype)
         write_json(tmp / "config.json", config)
-        write_weights(tmp, original_tensor_specs(config), dtype,
-                      lambda name, shape: random_tensor(name, shape, seed, dtype), shard_mib)
+        if weights:
+            write_weights(tmp, original_tensor_specs(config), dtype,
+                          lambda name, shape: random_tensor(name, shape, seed, dtype), shard_mib)
         write_json(tmp / "preprocessor_config.json", _clip_preprocessor_config(size))
         for file_name in REMOTE_CODE_FILES[llm]:
             (tmp / file_name).write_text(_REMOTE_CODE_STUB)

@@ -5,6 +5,7 @@ InternVL folder in OpenGVLab's original layout or transformers' layout, at toy o
     python scripts/make_tiny_checkpoints.py --out DIR --layout original [--llm qwen2|internlm2] [--preset tiny]
     python scripts/make_tiny_checkpoints.py --out DIR --layout original --preset internvl2.5-1b   # ~1.9 GB bf16
     python scripts/make_tiny_checkpoints.py --out DIR --layout hf --preset internvl2.5-1b
+    python scripts/make_tiny_checkpoints.py --out DIR --layout original --preset internvl2.5-78b --config-only
 
 The default folders are the embedded default of the demo and the tests, loaded through the same
 `from_pretrained` path as real InternVL2.5-1B / Swin-B / Swin V2-B folders. The others are written
@@ -42,13 +43,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="weights of the single-folder layouts (the default folders keep float32)")
     parser.add_argument("--shard-mib", type=float, default=None,
                         help="shard the weights (with model.safetensors.index.json); default one file")
+    parser.add_argument("--config-only", action="store_true",
+                        help="an original-layout folder without weights (config, tokenizer): for --dry-run plans")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     dtype = DTYPES[args.dtype]
     if args.layout == "original":
         path = write_original_internvl(args.out, llm=args.llm, preset=args.preset, seed=args.seed, dtype=dtype,
-                                       shard_mib=args.shard_mib)
+                                       shard_mib=args.shard_mib, weights=not args.config_only)
         print(f"internvl ({args.preset}, original layout, {args.llm}): {path}")
+    elif args.config_only:
+        parser.error("--config-only needs --layout original")
     elif args.llm != "qwen2":
         parser.error("--llm internlm2 needs --layout original (transformers' InternVL layout here has Qwen2)")
     elif args.preset != "tiny":
