@@ -6,13 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, InternVLModel, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, InternVLConfig, InternVLModel, PretrainedConfig, PreTrainedTokenizerBase
 
 from models.encoders.hf_loading import looks_local
 
 
-def load_internvl(checkpoint: str, trust_remote_code: bool = False) -> InternVLModel:
+def load_internvl(checkpoint: str, trust_remote_code: bool = False, load_weights: bool = True) -> InternVLModel:
     """The whole InternVL model (vision tower, projector, LLM) from a folder or hub id.
+
+    With `load_weights=False` only config.json is read and the architecture is built with fresh
+    weights (call it under `torch.device("meta")` to allocate none).
 
     Raises:
         FileNotFoundError: the folder does not exist.
@@ -27,6 +30,8 @@ def load_internvl(checkpoint: str, trust_remote_code: bool = False) -> InternVLM
         raise ValueError(f"{checkpoint}: model_type {config_dict.get('model_type')!r} is not transformers' native "
                          f"'internvl' format (original OpenGVLab 'internvl_chat' folders must be converted with "
                          f"transformers' convert_internvl_weights_to_hf.py first)")
+    if not load_weights:
+        return InternVLModel(InternVLConfig.from_dict(config_dict))
     return InternVLModel.from_pretrained(checkpoint, trust_remote_code=trust_remote_code,
                                          dtype=torch.float32)
 
