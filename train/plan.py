@@ -12,7 +12,8 @@ checkpointing as the stage sets it) and sizes each one:
     Adam state   AdamW's exp_avg and exp_avg_sq: 2 float32 tensors per trainable parameter.
     activations  the bytes autograd saves for backward in one forward + loss at `data.batch_size`
                  and `model.vision.image_size`, counted on meta tensors by `SavedTensorCounter`
-                 (each storage once, parameters and buffers left out). Under bf16/fp16 autocast the
+                 (each storage once, parameters and buffers left out), fused attention counted as
+                 the fused kernels save it (`FusedAttentionOnMeta`). Under bf16/fp16 autocast the
                  matmul outputs that make up most of them are half precision, so floating saved
                  tensors are counted at 2 bytes an element (autocast does not run on meta tensors;
                  the few it keeps in float32, such as softmax inputs, are under-counted).
@@ -25,7 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from accelerate.utils import calculate_maximum_sizes
+from torch.overrides import TorchFunctionMode
 
 from config.schema import Config, StageConfig
 from models.build import build_model
@@ -116,7 +119,7 @@ def activation_bytes(model: InternVL2MultimodalModel, batch_size: int, mixed_pre
     was_training = model.training
     model.train()  # as in training: dropout masks, checkpointing (transformers only checkpoints in train mode)
     try:
-        with SavedTensorCounter(model_tensors(model)) as counter:
+        with SavedTensorCounter(model_tensors(model)) as counter, FusedAttentionOnMeta():
             model(pixels, ids, mask, labels=labels)
     finally:
         model.question_cache = cache
@@ -125,6 +128,37 @@ def activation_bytes(model: InternVL2MultimodalModel, batch_size: int, mixed_pre
         return counter.bytes
     return sum(n * 2 // dtype.itemsize if dtype.is_floating_point and dtype.itemsize > 2 else n
                for dtype, n in counter.bytes_by_dtype.items())
+
+
+class FusedAttentionOnMeta(TorchFunctionMode):
+    """Meta tensors through `F.scaled_dot_product_attention` take the fused kernel's path, as on CPU and CUDA.
+
+    On the meta device torch picks the math path, which saves the (B, heads, L, L) attention weights for
+    backward; the fused kernels (flash and memory-efficient on CUDA, flash on CPU) keep only q, k, v,
+    the mask, the output and the (B, heads, L) log-sum-exp. CPU flash attention's meta kernel saves
+    exactly that. Where CPU flash attention does not run, neither does this: calls with `enable_gqa`,
+    and masks that need a gradient (Swin's trainable position bias rides in the mask; torch's math path
+    takes those, on CPU as here; CUDA's memory-efficient kernel would save less).
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention and args[0].device.type == "meta" and _flash_takes(*args, **kwargs):
+            return _flash_attention(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _flash_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 *args: object, enable_gqa: bool = False, **kwargs: object) -> bool:
+    """Whether CPU flash attention runs this call: no grouped heads, no mask that needs a gradient."""
+    return not enable_gqa and (attn_mask is None or not attn_mask.requires_grad)
+
+
+def _flash_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                     dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`'s arguments -> the output of CPU flash attention, (B, heads, L, D)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, dropout_p, is_causal,
+                                                                      attn_mask=attn_mask, scale=scale)[0]
 
 
 class _LLMEveryCall:
