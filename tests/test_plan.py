@@ -11,9 +11,11 @@ import torch
 from safetensors import SafetensorError
 
 from config import load_config
+from config.schema import StageConfig
 from models.build import build_model
 from tests.conftest import REPO
 from train.lora import inject_planned, lora_groups, lora_plan
+from train.memory_check import shape_config, train_steps, write_shape_folders
 from train.plan import activation_bytes, build_meta_model, dry_run, plan_stages
 from train.run import main
 from train.trainability import apply_stage
@@ -118,3 +120,27 @@ def test_meta_estimate_equals_the_count_on_real_tensors(tiny_checkpoints):
         apply_stage(model, stage, model.parameter_groups(), [f"vision.{g}" for g in model.vision.depth_groups])
     assert next(meta.parameters()).device == torch.device("meta")
     assert activation_bytes(meta, 2) == activation_bytes(real, 2)
+
+
+def test_real_shapes_are_planned_on_meta_in_seconds(tmp_path):
+    """InternVL2.5-1B + Swin-B from config-only folders (scripts/check_plan.py's shapes): nothing allocated."""
+    folders = write_shape_folders(tmp_path, "swin", (448, 448))
+    stage = StageConfig(name="encoder", trainable=["head", "vision.all"], gradient_checkpointing=True)
+    config = shape_config(REPO / "config" / "base.yaml", folders, "swin", (448, 448), 2, [stage])
+    model = build_meta_model(config)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    (plan,) = plan_stages(model, config.train.stages, 2)
+    assert plan.groups["vision.all"] == 86_743_224  # Swin-B without its pooler and classifier
+    assert plan.weights == 4 * plan.total_parameters + sum(b.numel() * b.element_size() for b in model.buffers())
+    assert plan.total_parameters > 580e6 and plan.activations > 0
+
+
+def test_measured_steps_train_only_the_stage(tiny_checkpoints):
+    """`train_steps` (what scripts/check_plan.py measures) applies the stage as the trainer does."""
+    config = demo_config(tiny_checkpoints)
+    model = build_model(config.model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_steps(model, config.train.stages[0], batch_size=2, steps=1)  # align: projector, fusion, head
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert any(n.startswith("head.") for n in changed)
+    assert not any(n.startswith(("vision.", "language.")) for n in changed)
