@@ -144,3 +144,12 @@ def test_measured_steps_train_only_the_stage(tiny_checkpoints):
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert any(n.startswith("head.") for n in changed)
     assert not any(n.startswith(("vision.", "language.")) for n in changed)
+
+
+def test_half_precision_halves_activations_only(tiny_checkpoints):
+    config = demo_config(tiny_checkpoints)
+    full = dry_run(config)
+    half = dry_run(dataclasses.replace(config, train=dataclasses.replace(config.train, mixed_precision="bf16")))
+    for f, h in zip(full, half):
+        assert (h.weights, h.gradients, h.adam) == (f.weights, f.gradients, f.adam)  # float32 masters under autocast
+        assert 0.45 * f.activations < h.activations <= 0.5 * f.activations + 2**16  # integer tensors keep their size
