@@ -1,4 +1,4 @@
-"""`accelerate launch -m train --config config/NAME.yaml [--set key=value ...] [--resume]`.
+"""`accelerate launch -m train --config config/NAME.yaml [--set key=value ...] [--resume | --dry-run]`.
 
 Sets up accelerate, builds the model (recording any encoder fallback), checks the run folder,
 and hands over to `train.loop.Trainer`.
@@ -26,6 +26,7 @@ from train.checkpoints import (RESOLVED_CONFIG, UnsafeCheckpointError, latest_ch
 from train.data import build_datasets
 from models.files import write_text_atomic
 from train.loop import Trainer
+from train.plan import dry_run, plan_report
 from train.sharding import sharding_function
 from train.tracking import TrackerError, check_report_to
 
@@ -39,6 +40,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set model.vision.encoder=swinv2 (repeatable)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print what each stage trains and its estimated accelerator memory, then exit: the "
+                             "model is built on the meta device from config.json files, no weights are loaded")
     parser.add_argument("--allow-config-change", action="store_true",
                         help="resume even though the resolved config differs from the saved one")
     return parser.parse_args(argv)
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        if args.dry_run:
+            return _dry_run(config)
         trackers = check_report_to(config.train.report_to)  # a missing package fails here, before any work
     except (ConfigError, TrackerError) as e:
         print(f"config error: {e}", file=sys.stderr)
@@ -84,6 +90,17 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         print(json.dumps(result, indent=1))
     accelerator.end_training()
+    return 0
+
+
+def _dry_run(config: Config) -> int:
+    """`--dry-run`: print the plan of every stage (`train.plan`); nothing is written."""
+    try:
+        plans = dry_run(config)
+    except ValueError as e:  # an unknown group in a stage, shapes that do not fit
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(plan_report(plans, config))
     return 0
 
 

@@ -610,7 +610,8 @@ class SwinTransformerV2(nn.Module):
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.embed_dim)
         self.pos_drop = nn.Dropout(cfg.drop_rate)
-        probs = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
+        # on the CPU: plain floats are needed, also when the model is built under torch.device("meta")
+        probs = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths), device="cpu").tolist()
         grid = (cfg.img_size[0] // cfg.patch_size, cfg.img_size[1] // cfg.patch_size)
         self.layers = nn.ModuleList()
         for i, depth in enumerate(cfg.depths):
