@@ -61,7 +61,7 @@ class TrainingProgress:
     stage_seconds: dict[str, float] = field(default_factory=dict)  # stage index -> training wall time
     # stage index -> [seconds of its first optimizer step, seconds of the later ones, how many later ones]
     stage_step_seconds: dict[str, list[float]] = field(default_factory=dict)
-    stage_peak_mib: dict[str, float] = field(default_factory=dict)  # stage index -> peak memory while training
+    stage_peak_mib: dict[str, float] = field(default_factory=dict)  # stage index -> peak memory of training steps
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -129,9 +129,8 @@ class Trainer:
                 logger.info("resumed from %s (stage %d, epoch %d, step %d)", resume_from,
                             self.progress.stage, self.progress.epoch, self.progress.global_step)
             self._clock = time.perf_counter()
-            reset_peak_memory(self.accelerator.device)
             self._train_stage(run)
-            self._record_peak_memory(run)
+            self._log_stage_timing(run)
             self._previous_optimizer = run.optimizer.optimizer
             self.progress.stage, self.progress.epoch, self.progress.batches_done = index + 1, 0, 0
             self.progress.stage_step, self.progress.bad_epochs, self.progress.stage_stopped_early = 0, 0, False
@@ -227,7 +226,9 @@ class Trainer:
     def _train_stage(self, run: StageRun) -> None:
         stage, p = run.config, self.progress
         while p.epoch < stage.epochs and not p.stage_stopped_early and not self._hit_max_steps(run):
+            reset_peak_memory(self.accelerator.device)
             self._train_epoch(run)
+            self._record_peak_memory(run)  # of the training steps: validation and checkpoints come after
             self._flush(run)
             if p.window_steps:  # the epoch's last, partial window: rows never span two epochs
                 self._log_step(run)
@@ -360,16 +361,19 @@ class Trainer:
         self.progress.stage_step_seconds[str(run.index)] = [first, later, count]
 
     def _record_peak_memory(self, run: StageRun) -> None:
-        """The stage's peak memory on this process (the highest over its resumes), logged and kept for timing.json."""
+        """The peak memory of this process during the epoch's training steps; the stage keeps the highest."""
         peak = peak_memory_since_reset_mib(self.accelerator.device)
-        if peak is None:
-            return
+        if peak is not None:
+            key = str(run.index)
+            self.progress.stage_peak_mib[key] = max(peak, self.progress.stage_peak_mib.get(key, 0.0))
+
+    def _log_stage_timing(self, run: StageRun) -> None:
         key = str(run.index)
-        self.progress.stage_peak_mib[key] = max(peak, self.progress.stage_peak_mib.get(key, 0.0))
         first, later, count = self.progress.stage_step_seconds.get(key, [0.0, 0.0, 0])
-        logger.info("stage %r: %s s/step over %d steps after the first (%.2f s); peak memory %.0f MiB (%s)",
-                    run.config.name, f"{later / count:.2f}" if count else "-", count, first, peak,
-                    peak_memory_kind(self.accelerator.device))
+        peak = self.progress.stage_peak_mib.get(key)
+        logger.info("stage %r: %s s/step over %d steps after the first (%.2f s); peak memory while training %s (%s)",
+                    run.config.name, f"{later / count:.2f}" if count else "-", count, first,
+                    "-" if peak is None else f"{peak:.0f} MiB", peak_memory_kind(self.accelerator.device))
 
     def _timing(self) -> dict[str, Any]:
         """Per stage: training wall time (its evaluations and exports included), summed over resumes;
