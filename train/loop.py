@@ -128,7 +128,8 @@ class Trainer:
                 self.progress.load_state_dict(resume_progress.state_dict())  # first: the model's part follows it
                 self.accelerator.load_state(str(resume_from))
                 if self.shard is not None:
-                    load_sharded_state(self.model, run.optimizer.optimizer, resume_from / SHARDED_STATE)
+                    load_sharded_state(self.model, run.optimizer.optimizer, resume_from / SHARDED_STATE,
+                                       self._checkpoint_names())
                 logger.info("resumed from %s (stage %d, epoch %d, step %d)", resume_from,
                             self.progress.stage, self.progress.epoch, self.progress.global_step)
             self._clock = time.perf_counter()
@@ -229,6 +230,11 @@ class Trainer:
         lora = {id(p) for modules in adapters.values() for m in modules for p in m.parameters()}
         base = {id(p) for b in self.model.base_checkpoints() for m in b.modules for p in m.parameters()} - lora
         return {id(t) for t in self.model.state_dict(keep_vars=True).values() if id(t) not in base or id(t) in trained}
+
+    def _checkpoint_names(self) -> set[str]:
+        """`_checkpoint_tensors` by name (the model sharded in place by the trainer keeps its names)."""
+        keep = self._checkpoint_tensors()
+        return {name for name, tensor in self.model.state_dict(keep_vars=True).items() if id(tensor) in keep}
 
     def _save_manifest(self, index: int, stage: StageConfig, trainable: list[TrainableParam]) -> None:
         summary = manifest(trainable, self.model)
@@ -355,7 +361,8 @@ class Trainer:
         save_more = None
         if self.shard is not None:  # accelerate does not hold the model: its shards and the optimizer's go beside
             def save_more(folder: Path) -> None:
-                save_sharded_state(self.model, run.optimizer.optimizer, folder / SHARDED_STATE)
+                save_sharded_state(self.model, run.optimizer.optimizer, folder / SHARDED_STATE,
+                                   self._checkpoint_names())
         save_checkpoint(self.accelerator, self.run_dir, self.progress, self.config.train.keep_last_checkpoints,
                         self.bases, save_more)
         if self.accelerator.is_main_process:
