@@ -361,3 +361,20 @@ def test_resume_refuses_changed_base_weights_whatever_the_flags(tiny_checkpoints
     moved = tmp_path / "moved"
     vision.rename(moved)  # the same content elsewhere is the same base (the path change is a config change)
     assert main(args + ["--set", f"model.vision.checkpoint={moved}", "--resume", "--allow-config-change"]) == 0
+
+
+def test_a_checkpoint_holding_the_whole_model_still_resumes(tiny_checkpoints, receipts, tmp_path, caplog):
+    """What checkpoints held before they were lean: the whole model, no base fingerprints."""
+    out = tmp_path / "run"
+    args = run_args(tiny_checkpoints, receipts, out, "train.stages=[{name: a, epochs: 2, lr: 0.001, trainable: [head]}]")
+    assert main(args) == 0
+    want = _weights(out / "final")
+    first, last = list_checkpoints(out)
+    shutil.rmtree(last)
+    whole = build_model(make_config(tiny_checkpoints, "swinv2", "model.vision.image_size=[64, 64]").model).state_dict()
+    safetensors.torch.save_file({**whole, **_weights(first)}, first / "model.safetensors", metadata={"format": "pt"})
+    (first / "base_checkpoints.json").unlink()
+    assert main(args + ["--resume"]) == 0
+    assert "not checking the base checkpoints" in caplog.text
+    for name, value in _weights(out / "final").items():
+        assert torch.equal(value, want[name]), name
