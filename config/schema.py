@@ -129,6 +129,8 @@ class TrainConfig:
     # i.e. several CPU processes (`accelerate launch --multi_gpu` without GPUs); on GPUs use
     # config/accelerate/fsdp2.yaml instead. null: accelerate's config decides (docs/training.md).
     sharding: Literal["fsdp2"] | None = None
+    # how RUN/best/ and RUN/final/ store their weights: bfloat16 halves them; loaded back as float32 by default
+    export_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass

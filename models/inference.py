@@ -109,20 +109,25 @@ class ReceiptCounter:
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.device = resolve_device(device)
         self.model = model.eval().requires_grad_(False).to(self.device)
+        self.dtype = next(self.model.parameters()).dtype  # images are fed in the weights' dtype (bfloat16 kept)
         self.max_image_pixels = max_image_pixels
         # One tokenization of the default question, shared by every batch: identical ids for every row.
         self._default_ids, self._default_mask = model.tokenize([None], self.device)  # (1, T) each
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "ReceiptCounter":
+                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, dtype: torch.dtype | str = torch.float32
+                        ) -> "ReceiptCounter":
         """Load an exported model folder (config.json, model.safetensors, tokenizer files) and nothing else.
+
+        `dtype` is the weights' dtype in memory (`InternVL2MultimodalModel.from_pretrained`): float32 by default,
+        also for a bfloat16 export; "auto" keeps the dtype the export was stored in.
 
         Raises:
             FileNotFoundError: a file of the folder is missing (named in the message).
             ValueError: config.json is not a receipt-counter export, or the weights do not match it.
         """
-        return cls(InternVL2MultimodalModel.from_pretrained(folder), device, max_image_pixels)
+        return cls(InternVL2MultimodalModel.from_pretrained(folder, dtype), device, max_image_pixels)
 
     @classmethod
     def from_model(cls, model: InternVL2MultimodalModel, device: str | torch.device = "cpu",
@@ -182,7 +187,7 @@ class ReceiptCounter:
         results = [Prediction(image=item.name, error=item.error) for item in loaded]
         if not good:
             return results
-        pixels = torch.stack([loaded[i].pixels for i in good]).to(self.device)  # (B, 3, H, W)
+        pixels = torch.stack([loaded[i].pixels for i in good]).to(self.device, self.dtype)  # (B, 3, H, W)
         probs = self._probabilities(pixels, None if questions is None else [questions[i] for i in good])
         for row, i in zip(probs.tolist(), good):
             k = max(range(len(row)), key=row.__getitem__)

@@ -46,6 +46,21 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"  # the model card; never read back
 FORMAT_NAME = "receipt-counter"
 FORMAT_VERSION = 1
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what an export's weights may be stored as
+
+
+@dataclass(frozen=True)
+class BaseCheckpoint:
+    """A pretrained folder the model was built from, and the modules whose weights were loaded from it.
+
+    key: the config key naming the folder (`model.language.checkpoint` or `model.vision.checkpoint`).
+    folder: the folder or hub id, as in the resolved config.
+    modules: the modules it filled; their parameters are what a resume checkpoint can leave out while frozen.
+    """
+
+    key: str
+    folder: str
+    modules: tuple[nn.Module, ...]
 
 
 @dataclass
@@ -154,6 +169,24 @@ class InternVL2MultimodalModel(nn.Module):
         if self.question_cache is not None:
             self.question_cache.clear()
 
+    @property
+    def reuses_language_projector(self) -> bool:
+        """The projector was loaded from the InternVL2 checkpoint (the checkpoint's own tower is the encoder)."""
+        return self.vision.in_language_checkpoint and self.config.vision.checkpoint == self.config.language.checkpoint
+
+    def base_checkpoints(self) -> list[BaseCheckpoint]:
+        """The pretrained folders the weights came from and what each filled: the LLM (and, for the checkpoint's
+        own tower, the encoder and projector) from `model.language.checkpoint`, the encoder from
+        `model.vision.checkpoint` otherwise. Fusion, head, LoRA adapters and a random-init encoder come from no
+        folder (the seed and the config rebuild their initial values)."""
+        language = [self.language]
+        bases = []
+        if self.reuses_language_projector:
+            language += [self.vision, self.projector.projectors[0]]
+        elif self.config.vision.checkpoint is not None:
+            bases.append(BaseCheckpoint("model.vision.checkpoint", self.config.vision.checkpoint, (self.vision,)))
+        return [BaseCheckpoint("model.language.checkpoint", self.config.language.checkpoint, tuple(language)), *bases]
+
     def parameter_groups(self) -> dict[str, list[nn.Module]]:
         """Named module sets for unfreezing: projector, fusion, fusion.gates, head, language.all, vision.<group>."""
         gates = [m for m in self.fusion.modules() if isinstance(m, TanhGate)]
@@ -162,7 +195,8 @@ class InternVL2MultimodalModel(nn.Module):
         groups.update({f"vision.{name}": modules for name, modules in self.vision.parameter_groups().items()})
         return groups
 
-    def save_pretrained(self, save_directory: str | os.PathLike, card: str | None = None) -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, card: str | None = None,
+                        dtype: torch.dtype = torch.float32) -> Path:
         """Write a self-describing folder: config.json, model.safetensors, tokenizer files and a model card.
 
         The folder is written beside the target and renamed into place, so a crash never leaves a
@@ -172,15 +206,18 @@ class InternVL2MultimodalModel(nn.Module):
             save_directory: the folder to write (replaced if it exists).
             card: the model card's text (README.md); None writes `models.card.model_card(self)`,
                 which describes the model without training or evaluation records.
+            dtype: how floating-point weights are stored (`EXPORT_DTYPES`): bfloat16 halves the folder;
+                config.json records it as "dtype". Integer buffers keep their dtype.
         """
+        dtype_name = _dtype_name(dtype)
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            (tmp / CONFIG_NAME).write_text(json.dumps(self.export_config(), indent=2))
+            (tmp / CONFIG_NAME).write_text(json.dumps({**self.export_config(), "dtype": dtype_name}, indent=2))
             (tmp / CARD_NAME).write_text(card if card is not None else model_card(self), encoding="utf-8")
-            safetensors.torch.save_model(self, str(tmp / WEIGHTS_NAME))
+            _save_weights(self, tmp / WEIGHTS_NAME, dtype)
             self.tokenizer.save_pretrained(tmp)
             replace_dir(tmp, target)  # one atomic exchange: `target` is never missing
         except BaseException:
@@ -210,20 +247,28 @@ class InternVL2MultimodalModel(nn.Module):
         return cls(config, vision, language, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike) -> "InternVL2MultimodalModel":
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | str = torch.float32
+                        ) -> "InternVL2MultimodalModel":
         """Rebuild from a `save_pretrained` folder alone (no other checkpoint, no network).
+
+        Args:
+            dtype: the dtype of the returned model's floating-point weights: float32 (default; a bfloat16
+                export is widened exactly), bfloat16, or "auto" for the dtype the export was stored in.
 
         Raises:
             FileNotFoundError: config.json, model.safetensors or the tokenizer is missing (named).
             ValueError: the folder is not a receipt-counter export or its weights do not match.
         """
         folder = Path(folder)
-        model = cls.from_export_config(read_export_config(folder), load_tokenizer(str(folder)))
-        try:
+        exported = read_export_config(folder)
+        model = cls.from_export_config(exported, load_tokenizer(str(folder)))
+        try:  # load_state_dict copies into the float32 parameters, casting a bfloat16 file exactly
             safetensors.torch.load_model(model, str(folder / WEIGHTS_NAME), strict=True)
         except RuntimeError as e:
             raise ValueError(f"{folder / WEIGHTS_NAME} does not match {folder / CONFIG_NAME}: {e}") from e
-        return model.eval()
+        if dtype == "auto":
+            dtype = EXPORT_DTYPES[exported.get("dtype", "float32")]  # exports before the key was float32
+        return model.to(dtype).eval()
 
 
 def read_export_config(folder: Path) -> dict[str, Any]:
@@ -238,6 +283,23 @@ def read_export_config(folder: Path) -> dict[str, Any]:
     if exported.get("format") != FORMAT_NAME:
         raise ValueError(f"{folder / CONFIG_NAME} is not a receipt-counter export (format={exported.get('format')!r})")
     return exported
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {v: k for k, v in EXPORT_DTYPES.items()}
+    if dtype not in names:
+        raise ValueError(f"cannot export weights as {dtype}: choose one of {', '.join(EXPORT_DTYPES)}")
+    return names[dtype]
+
+
+def _save_weights(model: nn.Module, path: Path, dtype: torch.dtype) -> None:
+    """model.safetensors with floating-point tensors as `dtype`; float32 is the model's own state, untouched."""
+    if dtype == torch.float32:
+        safetensors.torch.save_model(model, str(path))
+        return
+    # Casting copies each tensor, so no two share memory any more (what save_model exists to handle).
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    safetensors.torch.save_file(state, str(path), metadata={"format": "pt"})
 
 
 def _stage_channels(vision: VisionEncoder, stages: list[int]) -> list[int]:

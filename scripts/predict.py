@@ -1,7 +1,7 @@
 """Classify images by receipt count with an exported model folder.
 
     python scripts/predict.py --checkpoint runs/demo/final [--batch-size 16] [--output preds.jsonl|.csv]
-                              [--device auto] [--workers 2] PATH ...
+                              [--device auto] [--workers 2] [--dtype float32|bfloat16|auto] PATH ...
 
 PATH may be an image file, a folder (searched recursively for image files, in sorted order) or a
 glob ("scans/**/*.jpg"). Exactly one row is written per image, in input order:
@@ -111,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when available")
     parser.add_argument("--workers", type=int, default=2,
                         help="decoding processes running ahead of the model (default 2; 0: decode in between batches)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                        help="weights in memory (default float32, also for a bfloat16 export; auto: as exported)")
     args = parser.parse_args(argv)
     if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
         parser.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {args.output}")
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        counter = ReceiptCounter.from_pretrained(args.checkpoint, device=args.device)
+        dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+        counter = ReceiptCounter.from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: cannot load checkpoint: {exc}", file=sys.stderr)
         return 2

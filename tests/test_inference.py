@@ -249,3 +249,28 @@ def test_results_stream_before_later_inputs_are_decoded(counter, files, tmp_path
 def test_the_model_gets_the_cores_the_workers_leave():
     cores = cpu_threads_beside(0)
     assert cores >= 1 and cpu_threads_beside(1) == max(1, cores - 1) and cpu_threads_beside(cores + 5) == 1
+
+
+def test_a_bfloat16_export_is_half_the_size_and_predicts_like_the_float32_one(tiny_checkpoints, export, files,
+                                                                                tmp_path):
+    model = internvl2.InternVL2MultimodalModel.from_pretrained(export)
+    half = model.save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((export / "config.json").read_text())["dtype"] == "float32"
+    ratio = (half / "model.safetensors").stat().st_size / (export / "model.safetensors").stat().st_size
+    assert 0.49 < ratio < 0.51  # every floating tensor in 2 bytes instead of 4, plus the header
+    widened = internvl2.InternVL2MultimodalModel.from_pretrained(half)  # float32 by default, widened exactly
+    assert {p.dtype for p in widened.parameters()} == {torch.float32}
+    for name, value in widened.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name].to(torch.bfloat16).float()), name
+    want = [p.probabilities for p in ReceiptCounter.from_pretrained(export).predict(files)]
+    # Tolerance: bfloat16 keeps 8 significant bits per weight (relative rounding <= 2^-9). On this tiny model the
+    # probabilities moved by at most 1.6e-3 (bfloat16 weights, float32 arithmetic) and 2.6e-3 (bfloat16
+    # arithmetic too) on 8 drawn images; the bounds leave a few times that.
+    for dtype, tolerance in ((torch.float32, 0.01), ("auto", 0.02)):
+        counter = ReceiptCounter.from_pretrained(half, dtype=dtype)
+        assert counter.dtype == (torch.float32 if dtype == torch.float32 else torch.bfloat16)
+        got = [p.probabilities for p in counter.predict(files)]
+        for g, w in zip(got, want):
+            assert g.keys() == w.keys()
+            assert max(abs(g[k] - w[k]) for k in w) < tolerance, (dtype, g, w)

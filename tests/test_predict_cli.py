@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from models.internvl2 import InternVL2MultimodalModel
 from tests.conftest import load_script
 from tests.test_inference import draw_image, export_tiny_model
 
@@ -136,3 +138,12 @@ def test_command_line_run(export, tree):
     assert [r["image"] for r in rows] == [str(tree / "a.jpg"), str(tree / "scans" / "b.png")]
     assert "2 of 2 image(s) classified, 0 failed" in done.stderr
 
+
+
+def test_a_bfloat16_export_predicts_kept_in_bfloat16(export, tree, tmp_path, capsys):
+    half = InternVL2MultimodalModel.from_pretrained(export).save_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    _, want, _ = run_main(["--checkpoint", str(export), str(tree / "a.jpg")], capsys)
+    code, rows, _ = run_main(["--checkpoint", str(half), "--dtype", "auto", str(tree / "a.jpg")], capsys)
+    assert code == 0
+    # bfloat16 weights and arithmetic: the tolerance of tests/test_inference.py
+    assert all(abs(rows[0]["probabilities"][k] - p) < 0.02 for k, p in want[0]["probabilities"].items())

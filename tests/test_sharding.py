@@ -35,11 +35,19 @@ def _initial_model(tiny: dict[str, Path]) -> InternVL2MultimodalModel:
     return model
 
 
+def _held(checkpoint: Path) -> set[str]:
+    """The model tensors a sharded checkpoint holds."""
+    metadata = dcp.FileSystemReader(str(checkpoint / SHARDED_STATE)).read_metadata()
+    return {k.removeprefix("model.") for k in metadata.state_dict_metadata if k.startswith("model.")}
+
+
 def _checkpoint_weights(checkpoint: Path, model: InternVL2MultimodalModel) -> dict[str, torch.Tensor]:
-    """The model weights in a sharded checkpoint (every process's shards), read in this one process."""
+    """The model weights a sharded checkpoint gives (every process's shards, read in this one process) over
+    `model`'s own: it leaves out the base tensors no stage has trained yet, which resume takes from the bases."""
     check_safe_to_load(checkpoint)
-    state = {k: torch.empty_like(v) for k, v in model.state_dict().items()}
-    dcp.load({"model": state}, checkpoint_id=str(checkpoint / SHARDED_STATE), no_dist=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    dcp.load({"model": {k: state[k] for k in _held(checkpoint)}}, checkpoint_id=str(checkpoint / SHARDED_STATE),
+             no_dist=True)
     return state
 
 
@@ -88,6 +96,11 @@ def test_stage_transitions_under_fsdp2_change_what_trains(sharded_run, tiny_chec
     assert all(not changed(first_stage, initial, after[s]) for s in (3, 6, 9))
     assert not changed(lora_b, initial, after[6]) and changed(lora_b, after[6], after[9])
     assert all(not changed(base, initial, after[s]) for s in (3, 6, 9))
+    # The shards hold what the bases cannot give back: the encoder's last stage only once a stage trained it,
+    # never the frozen LLM or the never-trained encoder layer.
+    held = {step: _held(list_checkpoints(sharded_run)[step - 1]) for step in (3, 6, 9)}
+    assert lora_b in held[3] and "head.2.weight" in held[3] and last_stage not in held[3] and last_stage in held[6]
+    assert all(base not in held[s] and first_stage not in held[s] for s in (3, 6, 9))
 
 
 def test_sharded_resume_continues_exactly(sharded_run, tiny_checkpoints, receipts, tmp_path):

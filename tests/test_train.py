@@ -269,3 +269,117 @@ def test_batches_of_only_bad_images_still_step_in_line(tiny_checkpoints, receipt
     assert [(r["skipped_images"], r["train_loss"], r["global_step"]) for r in rows] == [(12, 0.0, 3), (24, 0.0, 6)]
     assert rows[-1]["val_samples"] == 6
     InternVL2MultimodalModel.from_pretrained(out / "final")
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load_file(path / "model.safetensors")
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def test_checkpoints_hold_only_what_the_bases_cannot_give_back(tiny_checkpoints, receipts, tmp_path):
+    """config/base.yaml's stages, one epoch each (3 steps): align trains projector, fusion, head; vision adds the
+    encoder's last stage and final norm; lora adds the LLM's adapters. Each checkpoint holds every tensor that
+    came from no base folder plus the base tensors trained so far, never the frozen rest of the LLM or encoder."""
+    out = tmp_path / "run"
+    assert main(run_args(tiny_checkpoints, receipts, out, "train.save_every_steps=1", "train.keep_last_checkpoints=20",
+                         "train.export_dtype=bfloat16")) == 0
+    model = build_model(make_config(tiny_checkpoints, "swinv2", "model.vision.image_size=[64, 64]").model)
+    full = model.state_dict()
+    own = {k for k in full if not k.startswith(("language.", "vision."))}  # projector (not reused), fusion, head
+    groups = model.parameter_groups()
+    trained_vision = {f"{name}.{k}" for g in ("vision.last_stage", "vision.final_norm") for m in groups[g]
+                      for name, mod in model.named_modules() if mod is m for k in m.state_dict()}
+    checkpoints = list_checkpoints(out)
+    assert set(_weights(checkpoints[2])) == own  # the end of align
+    assert set(_weights(checkpoints[5])) == own | trained_vision  # the end of vision
+    lora = set(_weights(checkpoints[8])) - own - trained_vision
+    assert lora and all("lora_" in k and k.startswith("language.") for k in lora)  # no base_layer weights
+    bases = json.loads((checkpoints[0] / "base_checkpoints.json").read_text())
+    assert {k: v["folder"] for k, v in bases.items()} == {
+        "model.language.checkpoint": str(tiny_checkpoints["internvl2"]),
+        "model.vision.checkpoint": str(tiny_checkpoints["swinv2"])}
+    assert set(bases["model.vision.checkpoint"]["files"]) == {"config.json", "model.safetensors",
+                                                             "preprocessor_config.json"}
+    model_bytes = sum(v.numel() * v.element_size() for v in full.values())
+    # The whole align checkpoint (model part, Adam moments, scheduler, RNG, progress) against the model alone:
+    # measured 1.03 MB against 2.22 MB (about 2.9 MB when checkpoints held the whole model).
+    assert _folder_bytes(checkpoints[2]) < 0.5 * model_bytes
+    exported = json.loads((out / "final" / "config.json").read_text())
+    assert exported["dtype"] == "bfloat16"
+    assert 0.45 < (out / "final" / "model.safetensors").stat().st_size / model_bytes < 0.55
+    final = InternVL2MultimodalModel.from_pretrained(out / "final")
+    assert {p.dtype for p in final.parameters()} == {torch.float32}
+
+
+def test_resume_after_a_stage_froze_what_the_last_one_trained_is_exact(tiny_checkpoints, receipts, tmp_path):
+    """Stage a trains the encoder's last stage (a base tensor), stage b freezes it. A checkpoint inside b holds
+    it still, and resuming from there gives the uninterrupted run's weights bit for bit and its losses."""
+    out = tmp_path / "run"
+    stages = ("train.stages=[{name: a, epochs: 1, lr: 0.001, trainable: [vision.last_stage, head]}, "
+              "{name: b, epochs: 2, lr: 0.001, trainable: [fusion, head]}]")
+    args = run_args(tiny_checkpoints, receipts, out, stages, "train.save_every_steps=1", "train.keep_last_checkpoints=20")
+    assert main(args) == 0
+    want = {name: (out / name).read_text() for name in ("metrics.jsonl", "steps.jsonl", "results.json")}
+    want_weights = _weights(out / "final")
+    checkpoints = list_checkpoints(out)
+    initial = build_model(make_config(tiny_checkpoints, "swinv2", "model.vision.image_size=[64, 64]").model)
+    last_stage = "vision.backbone.encoder.layers.3.blocks.0.attention.self.query.weight"
+    held = _weights(checkpoints[3])  # step 4: the first step of b
+    assert not torch.equal(held[last_stage], initial.state_dict()[last_stage])  # trained in a, kept in b
+    assert torch.equal(held[last_stage], want_weights[last_stage])
+    for checkpoint in checkpoints[4:]:
+        shutil.rmtree(checkpoint)
+    for name in ("final", "best"):
+        shutil.rmtree(out / name)
+    assert main(args + ["--resume"]) == 0
+    for name, value in _weights(out / "final").items():
+        assert torch.equal(value, want_weights[name]), name
+    for name, text in want.items():
+        assert (out / name).read_text() == text, name
+
+
+def test_resume_refuses_changed_base_weights_whatever_the_flags(tiny_checkpoints, receipts, tmp_path):
+    vision = tmp_path / "swinv2"
+    shutil.copytree(tiny_checkpoints["swinv2"], vision)
+    out = tmp_path / "run"
+    args = run_args(tiny_checkpoints, receipts, out, "train.stages=[{name: a, epochs: 2, trainable: [head]}]",
+                    f"model.vision.checkpoint={vision}")  # the later --set wins
+    assert main(args) == 0
+    shutil.rmtree(list_checkpoints(out)[-1])  # resume from the end of epoch 1
+    pristine = {name: (vision / name).read_bytes() for name in ("model.safetensors", "config.json")}
+    weights = safetensors.torch.load_file(vision / "model.safetensors")
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1.0  # the same tensors, names and shapes: only the values differ
+    safetensors.torch.save_file(weights, vision / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(SystemExit, match=rf"model.vision.checkpoint \({vision}\): model.safetensors holds other "
+                                         rf"values \(same tensors, data differs\)"):
+        main(args + ["--resume", "--allow-config-change"])
+    (vision / "model.safetensors").write_bytes(pristine["model.safetensors"])
+    config = json.loads(pristine["config.json"])
+    (vision / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-6}))
+    with pytest.raises(SystemExit, match=r"model.vision.checkpoint .*: config.json has other content"):
+        main(args + ["--resume"])
+    (vision / "config.json").write_bytes(pristine["config.json"])
+    moved = tmp_path / "moved"
+    vision.rename(moved)  # the same content elsewhere is the same base (the path change is a config change)
+    assert main(args + ["--set", f"model.vision.checkpoint={moved}", "--resume", "--allow-config-change"]) == 0
+
+
+def test_a_checkpoint_holding_the_whole_model_still_resumes(tiny_checkpoints, receipts, tmp_path, caplog):
+    """What checkpoints held before they were lean: the whole model, no base fingerprints."""
+    out = tmp_path / "run"
+    args = run_args(tiny_checkpoints, receipts, out, "train.stages=[{name: a, epochs: 2, lr: 0.001, trainable: [head]}]")
+    assert main(args) == 0
+    want = _weights(out / "final")
+    first, last = list_checkpoints(out)
+    shutil.rmtree(last)
+    whole = build_model(make_config(tiny_checkpoints, "swinv2", "model.vision.image_size=[64, 64]").model).state_dict()
+    safetensors.torch.save_file({**whole, **_weights(first)}, first / "model.safetensors", metadata={"format": "pt"})
+    (first / "base_checkpoints.json").unlink()
+    assert main(args + ["--resume"]) == 0
+    assert "not checking the base checkpoints" in caplog.text
+    for name, value in _weights(out / "final").items():
+        assert torch.equal(value, want[name]), name

@@ -4,6 +4,11 @@ A checkpoint is `RUN/checkpoints/step-<global step, 8 digits>/`, written by `acc
 temporary folder and renamed into place when complete, so a run killed at any moment leaves either
 a whole checkpoint or none. `--resume` takes the newest.
 
+A checkpoint holds the model's tensors that the base checkpoints cannot give back (`save_model_subset`: the
+trainer's selection goes through accelerate's save/load pre-hooks into `model.safetensors`), the optimizer,
+scheduler and RNG states, `progress.json`, the resolved config and `base_checkpoints.json`, the fingerprints of
+the base folders the left-out tensors are rebuilt from (`train.fingerprints`).
+
 Nothing of a checkpoint is unpickled: the run's progress is `progress.json` (nothing is registered
 with `accelerator.register_for_checkpointing`), the weights are safetensors, and before accelerate
 loads its own pickle-format files (optimizer, scheduler, sampler, RNG states) `check_safe_to_load`
@@ -24,10 +29,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import safetensors.torch
 import torch
 from accelerate import Accelerator
+from accelerate.utils import SAFE_MODEL_NAME
 from accelerate.utils import load as accelerate_load
+from torch import nn
 from torch.distributed.checkpoint import metadata as dcp_metadata
+
+from models.files import write_json
+from train.fingerprints import BASES_NAME
 
 PREFIX = "step-"
 RESOLVED_CONFIG = "config.yaml"  # RUN/config.yaml, copied into every checkpoint
@@ -168,11 +179,58 @@ def _check_dcp_folder(metadata_path: Path) -> None:
             raise _refusal(data, f"entry {index.fqn!r} does not load with weights_only=True", exc) from exc
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingProgress, keep_last: int,
-                    save_more: Callable[[Path], None] | None = None) -> Path:
-    """Save the full training state atomically; every process must call this.
+def save_model_subset(accelerator: Accelerator, select: Callable[[], set[int]]) -> None:
+    """Make `accelerator.save_state` write, and `load_state` read, only the model tensors `select()` picks.
 
     Args:
+        select: the ids of the tensors to keep, as `model.state_dict(keep_vars=True)` holds them (parameters and
+            buffers); called at every save and load, so it can follow the stages.
+
+    On load, `model.safetensors` must hold at least those tensors (a checkpoint written whole loads whole); the
+    model's other tensors keep the values it was built with. Models that accelerate saves itself (FSDP,
+    DeepSpeed) never reach these hooks: their checkpoints stay whole.
+    """
+    def save_hook(models: list[nn.Module], weights: list[dict[str, torch.Tensor]], output_dir: str) -> None:
+        keep = select()
+        for model, state in zip(models, weights):
+            held = model.state_dict(keep_vars=True)  # the same names as `state`, with the live tensors
+            for name in [n for n in state if id(held[n]) not in keep]:
+                del state[name]
+
+    def load_hook(models: list[nn.Module], input_dir: str) -> None:
+        keep = select()
+        for index, model in enumerate(models):
+            load_model_subset(model, Path(input_dir) / f"{SAFE_MODEL_NAME}{f'_{index}' if index else ''}.safetensors",
+                              keep)
+        models.clear()  # loaded here: accelerate must not load them again (strictly, which would fail)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def load_model_subset(model: nn.Module, path: Path, keep: set[int]) -> None:
+    """Load the safetensors file `path` into `model`; it must hold every tensor whose id is in `keep`.
+
+    Raises:
+        ValueError: tensors of `keep` missing from the file, or tensors the model does not have (named).
+    """
+    held = model.state_dict(keep_vars=True)
+    state = safetensors.torch.load_file(path)
+    missing = sorted(name for name, tensor in held.items() if id(tensor) in keep and name not in state)
+    unknown = sorted(set(state) - set(held))
+    if missing or unknown:
+        raise ValueError(f"{path} does not fit the model: missing {len(missing)} tensors {missing[:3]}, "
+                         f"{len(unknown)} unknown {unknown[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingProgress, keep_last: int,
+                    bases: dict[str, Any], save_more: Callable[[Path], None] | None = None) -> Path:
+    """Save the training state atomically; every process must call this.
+
+    Args:
+        bases: the fingerprints of the base checkpoints (`train.fingerprints.base_fingerprints`), saved as
+            `BASES_NAME`.
         save_more: called on every process with the unfinished folder after accelerate's state is in it,
             for state accelerate does not hold (the shards of a model the trainer sharded itself).
     """
@@ -189,6 +247,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, progress: TrainingP
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "progress.json").write_text(json.dumps(progress.state_dict(), indent=1))
+        write_json(tmp / BASES_NAME, bases)
         shutil.copy2(run_dir / RESOLVED_CONFIG, tmp / RESOLVED_CONFIG)  # the config this state belongs to
         if final.exists():  # the same step saved again (an epoch end right after a periodic save)
             shutil.rmtree(final)

@@ -43,10 +43,11 @@ from config.loader import save_config
 from config.schema import Config, StageConfig
 from data import make_dataloader
 from models.card import TrainingSummary, model_card
-from models.internvl2 import InternVL2MultimodalModel
+from models.internvl2 import EXPORT_DTYPES, InternVL2MultimodalModel
 from models.measure import peak_memory_kind, peak_memory_since_reset_mib, reset_peak_memory, synchronize
 from models.metrics import classification_report
-from train.checkpoints import TrainingProgress, check_safe_to_load, save_checkpoint
+from train.checkpoints import TrainingProgress, check_safe_to_load, save_checkpoint, save_model_subset
+from train.fingerprints import base_fingerprints
 from train.data import RunDatasets
 from models.files import append_jsonl, write_json, write_jsonl
 from train.lora import inject_planned, lora_groups, lora_plan, merge_lora
@@ -54,7 +55,8 @@ from train.report import write_report
 from train.sharding import (SHARDED_STATE, accelerate_shards, full_state_dict, load_sharded_state,
                             save_sharded_state, sharding_function, unsharded_copy)
 from train.tracking import RunTracker, epoch_scalars, step_scalars
-from train.trainability import TrainableParam, apply_stage, check_gradients, log_manifest, manifest
+from train.trainability import (TrainableParam, apply_stage, check_gradients, log_manifest, manifest,
+                                resolve_groups)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class Trainer:
         self.datasets = datasets
         self.run_dir = run_dir
         self.progress = TrainingProgress()  # saved as progress.json beside accelerate's state, never pickled
+        self.bases = base_fingerprints(model)  # what the left-out tensors of every checkpoint are rebuilt from
+        save_model_subset(accelerator, self._checkpoint_tensors)
         self.tracker = RunTracker(accelerator, config, run_dir)
         self._previous_optimizer: torch.optim.Optimizer | None = None
         # this process's sums since the last flush into `progress`: loss x B, samples, grad norm, steps, skipped
@@ -122,10 +126,11 @@ class Trainer:
             run = self._setup_stage(index, stage)
             if resume_from is not None and index == start:
                 check_safe_to_load(resume_from)
+                self.progress.load_state_dict(resume_progress.state_dict())  # first: the model's part follows it
                 self.accelerator.load_state(str(resume_from))
                 if self.shard is not None:
-                    load_sharded_state(self.model, run.optimizer.optimizer, resume_from / SHARDED_STATE)
-                self.progress.load_state_dict(resume_progress.state_dict())
+                    load_sharded_state(self.model, run.optimizer.optimizer, resume_from / SHARDED_STATE,
+                                       self._checkpoint_names())
                 logger.info("resumed from %s (stage %d, epoch %d, step %d)", resume_from,
                             self.progress.stage, self.progress.epoch, self.progress.global_step)
             self._clock = time.perf_counter()
@@ -213,6 +218,25 @@ class Trainer:
             logger.info("stage %r: Adam state carried over for %d of %d trainable tensors", stage.name, kept,
                         len(trainable))
         return optimizer
+
+    def _checkpoint_tensors(self) -> set[int]:
+        """The model tensors (ids) a checkpoint holds: all but the base checkpoints' parameters that no stage so
+        far has trained, which `--resume` rebuilds from the same folders (`train.fingerprints` checks that).
+        So a stage-2 checkpoint also holds what stage 1 trained and stage 2 froze, and every tensor that came
+        from no folder (fusion, head, LoRA adapters, a projector or encoder initialised at random)."""
+        adapters = lora_groups(self.model)
+        groups = {**self.model.parameter_groups(), **adapters}
+        trained: set[int] = set()
+        for stage in self.config.train.stages[: self.progress.stage + 1]:
+            trained.update(resolve_groups(stage, groups))
+        lora = {id(p) for modules in adapters.values() for m in modules for p in m.parameters()}
+        base = {id(p) for b in self.model.base_checkpoints() for m in b.modules for p in m.parameters()} - lora
+        return {id(t) for t in self.model.state_dict(keep_vars=True).values() if id(t) not in base or id(t) in trained}
+
+    def _checkpoint_names(self) -> set[str]:
+        """`_checkpoint_tensors` by name (the model sharded in place by the trainer keeps its names)."""
+        keep = self._checkpoint_tensors()
+        return {name for name, tensor in self.model.state_dict(keep_vars=True).items() if id(tensor) in keep}
 
     def _save_manifest(self, index: int, stage: StageConfig, trainable: list[TrainableParam]) -> None:
         summary = manifest(trainable, self.model)
@@ -345,9 +369,10 @@ class Trainer:
         save_more = None
         if self.shard is not None:  # accelerate does not hold the model: its shards and the optimizer's go beside
             def save_more(folder: Path) -> None:
-                save_sharded_state(self.model, run.optimizer.optimizer, folder / SHARDED_STATE)
+                save_sharded_state(self.model, run.optimizer.optimizer, folder / SHARDED_STATE,
+                                   self._checkpoint_names())
         save_checkpoint(self.accelerator, self.run_dir, self.progress, self.config.train.keep_last_checkpoints,
-                        save_more)
+                        self.bases, save_more)
         if self.accelerator.is_main_process:
             write_json(self.run_dir / "timing.json", self._timing())
 
@@ -481,7 +506,8 @@ class Trainer:
             summary = TrainingSummary(self.config, self._data_sizes(), self.progress.global_step,
                                       dict(Counter(r.data_source for r in self.datasets.train.records)))
             card = model_card(exported, summary, evaluation)
-            target = exported.eval().save_pretrained(self.run_dir / name, card=card)
+            target = exported.eval().save_pretrained(self.run_dir / name, card=card,
+                                                     dtype=EXPORT_DTYPES[self.config.train.export_dtype])
             save_config(self.config, target / "run_config.yaml")
         self.accelerator.wait_for_everyone()
         return target

@@ -21,9 +21,11 @@ from transformers.utils import logging as hf_logging
 from config import Config, config_differences, load_config, save_config
 from config.loader import ConfigError
 from models.build import build_model
+from models.internvl2 import InternVL2MultimodalModel
 from train.checkpoints import (RESOLVED_CONFIG, UnsafeCheckpointError, latest_checkpoint, read_progress,
                                remove_stale_temporaries)
 from train.data import build_datasets
+from train.fingerprints import BaseCheckpointChanged, check_same_bases
 from models.files import write_text_atomic
 from train.loop import Trainer
 from train.plan import dry_run, plan_report
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(model=model.config, data=config.data, train=config.train, output_dir=config.output_dir,
                     seed=config.seed)  # resolved: the encoder actually used
     last_logged = _last_logged_step(run_dir)  # before a resume truncates the killed run's rows
-    checkpoint = _prepare_run_dir(accelerator, config, run_dir, args.resume, args.allow_config_change)
+    checkpoint = _prepare_run_dir(accelerator, config, run_dir, args.resume, args.allow_config_change, model)
     datasets = build_datasets(config.data, model.class_names, model.preprocessing, config.seed)
     trainer = Trainer(config, accelerator, model, datasets, run_dir)
     progress = read_progress(checkpoint) if checkpoint else None
@@ -105,12 +107,19 @@ def _dry_run(config: Config) -> int:
 
 
 def _prepare_run_dir(accelerator: Accelerator, config: Config, run_dir: Path, resume: bool,
-                     allow_change: bool) -> Path | None:
-    """Check the run folder against `--resume`; return the checkpoint to resume from, if any."""
+                     allow_change: bool, model: InternVL2MultimodalModel) -> Path | None:
+    """Check the run folder against `--resume`; return the checkpoint to resume from, if any.
+
+    A checkpoint leaves out the frozen tensors of the base folders, so a changed base is refused, with or without
+    `allow_change`."""
     checkpoint = latest_checkpoint(run_dir)
     saved = run_dir / RESOLVED_CONFIG
     if resume and checkpoint is not None:
         _check_same_config(config, saved, allow_change)
+        try:
+            check_same_bases(checkpoint, model)
+        except BaseCheckpointChanged as e:
+            raise SystemExit(str(e)) from None
         progress = read_progress(checkpoint)
         if accelerator.is_main_process:
             _truncate(run_dir / "metrics.jsonl", progress.metric_lines)

@@ -119,18 +119,22 @@ def unsharded_copy(model: InternVL2MultimodalModel, state: dict[str, torch.Tenso
     return copy
 
 
-def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Every process writes its shards of the model and the optimizer to `folder` (torch.distributed.checkpoint)."""
+def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, keep: set[str]) -> None:
+    """Every process writes its shards of the model tensors named in `keep` and of the optimizer to `folder`
+    (torch.distributed.checkpoint)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state = {k: v for k, v in model_state.items() if k in keep}
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder))
 
 
-def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
-    """Read what `save_sharded_state` wrote into the same sharded model and an optimizer over the same parameters.
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, folder: Path, keep: set[str]) -> None:
+    """Read what `save_sharded_state` wrote into the same sharded model and an optimizer over the same parameters;
+    the model tensors outside `keep` keep the values the model was built with.
 
     Check the folder with `train.checkpoints.check_safe_to_load` first: torch unpickles its `.metadata`.
     """
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    state = {"model": {k: v for k, v in model_state.items() if k in keep}, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder))  # a tensor of `keep` missing from the folder is an error here
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(strict=False))
