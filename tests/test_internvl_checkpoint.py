@@ -212,3 +212,16 @@ def test_split_weights_own_their_memory(original):
         projections = (attention.q_proj, attention.k_proj, attention.v_proj)
         storages = {p.weight.untyped_storage().data_ptr() for p in projections}
         assert len(storages) == 3
+
+
+@pytest.mark.parametrize("name", ["internvl2_5_1b_vit", "internvl2_5_1b_swin_b", "internvl2_5_1b_swinv2_b"])
+def test_every_real_model_config_plans_its_stages(original, tiny_checkpoints, name, capsys):
+    """The shipped full-size configs, pointed at tiny folders of the same layouts: every stage's groups exist."""
+    encoder = load_config(REPO / "config" / f"{name}.yaml").model.vision.encoder
+    vision = original["qwen2"] if encoder == "internvit" else tiny_checkpoint(tiny_checkpoints, encoder)
+    sets = [f"model.language.checkpoint={original['qwen2']}", f"model.vision.checkpoint={vision}",
+            "model.fusion.num_heads=4"]
+    assert train_main(["--config", str(REPO / "config" / f"{name}.yaml"), "--dry-run"]
+                      + [a for s in sets for a in ("--set", s)]) == 0
+    out = capsys.readouterr().out
+    assert all(f"'{stage}'" in out for stage in ("align", "vision", "lora"))
