@@ -62,7 +62,10 @@ class InternViTEncoder(HFBackboneEncoder):
         if tuple(preprocessing.size) != (source.image_size, source.image_size):
             logger.warning("encoder 'internvit': %s was trained at %d px (force_image_size); at %s its position "
                            "embeddings are interpolated", checkpoint, source.image_size, list(preprocessing.size))
-        return cls(source.vision_tower(load_weights), preprocessing)
+        try:
+            return cls(source.vision_tower(load_weights), preprocessing)
+        except FileNotFoundError as e:  # no weights file: may fall back; a mismatch (ValueError) always raises
+            raise EncoderUnavailableError(f"encoder 'internvit': {e}") from e
 
     @classmethod
     def from_config_dict(cls, hf_config: dict[str, Any], preprocessing: ImagePreprocessing) -> "InternViTEncoder":
