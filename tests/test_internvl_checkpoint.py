@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import sentencepiece
 import torch
 import transformers.modeling_utils
@@ -224,3 +225,25 @@ def test_every_real_model_config_plans_its_stages(original, tiny_checkpoints, na
                       + [a for s in sets for a in ("--set", s)]) == 0
     out = capsys.readouterr().out
     assert all(f"'{stage}'" in out for stage in ("align", "vision", "lora"))
+
+
+def test_a_llama_llm_folder_loads_as_llama(original, tmp_path):
+    """InternVL2-40B/76B name a Llama LLM (no attention biases). Qwen2 with zero q/k/v biases is the same
+    network, so equal states show the Llama path reads the same names."""
+    zero_bias, llama = (shutil.copytree(original["qwen2"], tmp_path / name) for name in ("zero_bias", "llama"))
+    weights = safetensors.torch.load_file(original["qwen2"] / "model.safetensors")
+    biases = [k for k in weights if k.startswith("language_model.") and k.endswith(("q_proj.bias", "k_proj.bias",
+                                                                                    "v_proj.bias"))]
+    assert biases
+    safetensors.torch.save_file({**weights, **{k: torch.zeros_like(weights[k]) for k in biases}},
+                                zero_bias / "model.safetensors")
+    safetensors.torch.save_file({k: v for k, v in weights.items() if k not in biases}, llama / "model.safetensors")
+    config = json.loads((llama / "config.json").read_text())
+    llm = {**config["llm_config"], "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (llama / "config.json").write_text(json.dumps({**config, "llm_config": llm}))
+    ids = torch.randint(0, 200, (2, 7))
+    model = InternVLCheckpoint.read(llama).language_model()
+    assert type(model).__name__ == "LlamaModel"
+    with torch.no_grad():
+        expected = InternVLCheckpoint.read(zero_bias).language_model()(input_ids=ids).last_hidden_state
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, expected, rtol=1e-5, atol=1e-5)
