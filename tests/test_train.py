@@ -20,7 +20,7 @@ from models.build import build_model
 from models.internvl2 import InternVL2MultimodalModel
 from train.checkpoints import list_checkpoints
 from train.data import augment_config
-from train.lora import has_lora, inject_lora, lora_groups, merge_lora
+from train.lora import has_lora, inject_lora, lora_groups, merge_lora, merged_copy
 from train.run import main
 from train.loop import Trainer
 from train.trainability import apply_stage, resolve_groups
@@ -149,6 +149,29 @@ def test_lora_export_matches_the_unmerged_model(name, tiny_checkpoints, tmp_path
     model.save_pretrained(tmp_path / "export")
     torch.testing.assert_close(InternVL2MultimodalModel.from_pretrained(tmp_path / "export")(x).logits, expected,
                                rtol=1e-4, atol=1e-5)
+
+
+def test_the_export_copy_merges_lora_and_shares_what_the_merge_leaves_alone(tiny_checkpoints):
+    model = build_model(make_config(tiny_checkpoints, "swin").model).eval()
+    inject_lora(model, "language.lora", rank=4, alpha=8, dropout=0.0)
+    with torch.no_grad():
+        for module in lora_groups(model)["language.lora"]:
+            for p in module.parameters():
+                p.normal_(0, 0.2)
+        for block in model.fusion.blocks:
+            block.attn_gate.alpha.fill_(1.0)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x).logits
+        exported = merged_copy(model)
+        torch.testing.assert_close(exported(x).logits, expected, rtol=1e-4, atol=1e-5)
+    assert has_lora(model) and not has_lora(exported)  # the training model keeps its adapters ...
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # ... and its values
+    shared = {p.data_ptr() for p in model.parameters()}
+    assert model.language.embed_tokens.weight.data_ptr() in {p.data_ptr() for p in exported.parameters()}
+    q_proj = exported.language.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, torch.nn.Linear) and q_proj.weight.data_ptr() not in shared  # merged into a copy
 
 
 def test_sigkill_then_resume_ends_like_an_uninterrupted_run(tiny_checkpoints, receipts, tmp_path):

@@ -21,7 +21,6 @@ uninterrupted one would have.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -50,7 +49,7 @@ from train.checkpoints import TrainingProgress, check_safe_to_load, save_checkpo
 from train.fingerprints import base_fingerprints
 from train.data import RunDatasets
 from models.files import append_jsonl, write_json, write_jsonl
-from train.lora import inject_planned, lora_groups, lora_plan, merge_lora
+from train.lora import inject_planned, lora_groups, lora_plan, merge_lora, merged_copy
 from train.report import write_report
 from train.sharding import (SHARDED_STATE, accelerate_shards, full_state_dict, load_sharded_state,
                             save_sharded_state, sharding_function, unsharded_copy)
@@ -496,13 +495,13 @@ class Trainer:
         state = full_state_dict(self.accelerator, self._prepared) if self.wrap_once else None
         target = None
         if self.accelerator.is_main_process:
-            if state is None:
-                exported = copy.deepcopy(self.model)
+            if state is None:  # shares every tensor the LoRA merge leaves alone with the training model
+                exported = merged_copy(self.model)
             else:
                 injected = {g: s for g, s in lora_plan(self.config.train.stages).items() if g in lora_groups(self.model)}
                 exported = unsharded_copy(self.model, state, injected)
-            merge_lora(exported.language)
-            merge_lora(exported.vision)
+                merge_lora(exported.language)
+                merge_lora(exported.vision)
             summary = TrainingSummary(self.config, self._data_sizes(), self.progress.global_step,
                                       dict(Counter(r.data_source for r in self.datasets.train.records)))
             card = model_card(exported, summary, evaluation)

@@ -7,6 +7,7 @@ structure; the LoRA parameters form the groups `language.lora` / `vision.lora`.
 from __future__ import annotations
 
 import logging
+from copy import deepcopy
 
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
@@ -64,6 +65,23 @@ def lora_groups(model: InternVL2MultimodalModel) -> dict[str, list[nn.Module]]:
         if layers:
             groups[group] = [sub for layer in layers for sub in (layer.lora_A, layer.lora_B)]
     return groups
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every LoRA adapter merged, for export; `model` itself is left as it is.
+
+    Only the base layers the merge writes into are copied; every other parameter and buffer (the frozen
+    LLM and encoder, the adapters, fusion, head) is shared with `model`, so exporting a 1B model does not
+    hold it twice. The copy is for reading: writing into a shared tensor would change `model`.
+    """
+    merged = {id(t) for m in model.modules() if isinstance(m, BaseTunerLayer)
+              for t in [*m.get_base_layer().parameters(), *m.get_base_layer().buffers()]}
+    shared = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in merged}
+    copy = deepcopy(model, memo=shared)
+    for attr in ("language", "vision"):
+        if hasattr(copy, attr):
+            merge_lora(getattr(copy, attr))
+    return copy
 
 
 def merge_lora(module: nn.Module) -> nn.Module:
