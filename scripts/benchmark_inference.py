@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from PIL import Image, ImageChops  # noqa: E402
+from PIL import Image, ImageChops, ImageOps  # noqa: E402
 
 from config import load_config  # noqa: E402
 from data.dataset import load_pixel_values  # noqa: E402
@@ -80,13 +80,13 @@ def export_demo_model(encoder: str, work: Path) -> Path:
 
 
 def write_jpegs(folder: Path, count: int, side: int) -> list[Path]:
-    """`count` synthetic receipt scenes (0-3 receipts) as JPEG files of side x side pixels."""
+    """`count` synthetic receipt scenes (classes 0, 1, 2+) as JPEG files of side x side pixels."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        image, quality = render_scene(random.Random(i), side, i % 4)
+        scene = render_scene(random.Random(i), side, i % 3)
         paths.append(folder / f"scene_{i:04d}.jpg")
-        image.save(paths[-1], quality=quality)
+        ImageOps.pad(scene.image, (side, side), color="white").save(paths[-1], quality=scene.quality)
     return paths
 
 
@@ -100,7 +100,7 @@ def write_photos(folder: Path, count: int, size: tuple[int, int]) -> list[Path]:
     height, width = size
     paths = []
     for i in range(count):
-        scene, _ = render_scene(random.Random(i), 1000, i % 4)
+        scene = ImageOps.pad(render_scene(random.Random(i), 1000, i % 3).image, (1000, 1000), color="white")
         turned = i % 2 == 1
         stored = (height, width) if turned else (width, height)  # PIL sizes are (width, height)
         photo = scene.resize(stored, Image.Resampling.BICUBIC)

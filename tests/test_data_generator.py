@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from data.manifest import load_records
-from data.synth.scene import render_scene
+from data.synth import scene as scene_module
+from data.synth.scene import FRAMINGS, receipt_count, render_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "make_receipts.py"
@@ -64,14 +65,16 @@ def test_layout_and_metadata(one_worker: Path) -> None:
         assert sheet.format == "PNG"
     for split, n in [("train", 9), ("val", 3), ("test", 3)]:
         rows = _rows(one_worker, split)
-        assert list(rows[0]) == ["file_name", "receipt_count", "label", "label_name", "question", "source"]
+        assert list(rows[0]) == ["file_name", "receipt_count", "label", "label_name", "question", "source",
+                                 "framing", "source_files"]
         assert len(rows) == n and len(list((one_worker / split).glob("*.jpg"))) == n
         for row in rows:
             count, label = int(row["receipt_count"]), int(row["label"])
             assert label == min(count, 2) and row["label_name"] == CLASSES[label]
-            assert count <= 5 and row["source"] == "synthetic"
+            assert count <= 12 and row["source"] == "synthetic" and row["source_files"] == ""
+            assert row["framing"] in FRAMINGS
             with Image.open(one_worker / split / row["file_name"]) as image:
-                assert (image.format, image.size, image.mode) == ("JPEG", (96, 96), "RGB")
+                assert (image.format, max(image.size), image.mode) == ("JPEG", 96, "RGB")
         records = load_records(one_worker / split, CLASSES)
         assert len(records) == n and {r.data_source for r in records} == {"synthetic"}
 
@@ -92,21 +95,38 @@ def test_splits_are_disjoint(one_worker: Path) -> None:
     assert len(digests) == 15
 
 
-def test_plan_depends_on_the_seed_and_covers_two_to_five_receipts() -> None:
+def test_plan_is_balanced_and_depends_on_the_seed() -> None:
     script = _script()
-    plan = script.plan_split(0, "train", 300, 3, 5)
-    assert set(plan) == {0, 1, 2, 3, 4, 5}
-    assert plan != script.plan_split(1, "train", 300, 3, 5)
+    plan = script.plan_split(0, "train", 301, 3)
+    assert [plan.count(k) for k in range(3)] == [101, 100, 100]
+    assert plan != script.plan_split(1, "train", 301, 3)
     assert script.image_seed(0, "train", 4) != script.image_seed(0, "val", 4)
 
 
+def test_last_class_counts_span_two_to_max_receipts() -> None:
+    counts = [receipt_count(random.Random(i), 2, 3, 12) for i in range(400)]
+    assert set(counts) == set(range(2, 13))
+    assert counts.count(2) > counts.count(12)  # weighted towards fewer
+    assert {receipt_count(random.Random(i), label, 3, 12) for i in range(50) for label in (0, 1)} == {0, 1}
+
+
 def test_scene_is_deterministic_for_its_rng() -> None:
-    first, quality = render_scene(random.Random(5), 128, 3)
-    again, quality_again = render_scene(random.Random(5), 128, 3)
-    other, _ = render_scene(random.Random(6), 128, 3)
-    assert first.tobytes() == again.tobytes() and quality == quality_again
-    assert first.tobytes() != other.tobytes()
-    assert first.size == (128, 128) and first.mode == "RGB"
+    first = render_scene(random.Random(5), 128, 2)
+    again = render_scene(random.Random(5), 128, 2)
+    other = render_scene(random.Random(6), 128, 2)
+    assert first.image.tobytes() == again.image.tobytes() and first.quality == again.quality
+    assert first.image.tobytes() != other.image.tobytes()
+    assert max(first.image.size) == 128 and first.image.mode == "RGB"
+    assert first.receipt_count >= 2 and first.framing in FRAMINGS and first.sources == ()
+
+
+@pytest.mark.parametrize("framing", list(FRAMINGS))
+@pytest.mark.parametrize("label", [0, 1, 2])
+def test_every_framing_draws_every_class(framing: str, label: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scene_module, "FRAMINGS", {framing: 1.0})
+    scene = render_scene(random.Random(label), 96, label)
+    assert scene.framing == framing and min(scene.receipt_count, 2) == label
+    assert max(scene.image.size) == 96 and min(scene.image.size) >= 8
 
 
 def test_rerun_with_fewer_images_leaves_no_stale_files(tmp_path: Path) -> None:

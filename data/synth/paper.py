@@ -3,6 +3,7 @@
 Public API:
     render_receipt(rng, width) -> RGBA image `width` pixels wide (length follows its content)
     render_document(rng, width, kind=None) -> RGBA A4-shaped page; kind in DOCUMENT_KINDS
+    render_small_paper(rng, width) -> RGBA business card, sticky note or photo print (paper, not a receipt)
     staple_pair(rng, first, second) -> RGBA of two receipts stapled together, overlapping at the top
     add_staple(draw, x, y, length, angle_deg)
 
@@ -26,6 +27,7 @@ FONT_ROOT = Path("/usr/share/fonts")
 DOCUMENT_KINDS = ("letter", "tax_form", "invoice", "blank")
 A4_RATIO = 297 / 210
 PAPER_WIDTH_DOC = 320  # px of an A4 page at paper resolution
+POOL_SIZE = 400  # printed receipt texts per pool (and half as many pages)
 
 
 @functools.lru_cache(maxsize=None)
@@ -43,9 +45,13 @@ def font(name: str, size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 # ----------------------------------------------------------------------------------------- receipts
 
-def render_receipt(rng: random.Random, width: int) -> Image.Image:
-    """A till receipt `width` px wide: thermal print, maybe faded, crumpled, with torn ends."""
-    paper = _receipt_text(rng)
+def render_receipt(rng: random.Random, width: int, pool: int | None = None) -> Image.Image:
+    """A till receipt `width` px wide: thermal print, maybe faded, crumpled, with torn ends.
+
+    With `pool` (a seed), the printed text is one of POOL_SIZE texts drawn once per process from that
+    seed alone (drawing text is most of the cost), and only the paper's look is new; without, it is new.
+    """
+    paper = _pooled_receipt_text(pool, rng.randrange(POOL_SIZE)) if pool is not None else _receipt_text(rng)
     height = max(2, round(paper.height * width / paper.width))
     sheet = paper.resize((width, height), Image.Resampling.BOX)
     sheet = _fade(rng, sheet) if rng.random() < 0.45 else sheet
@@ -53,6 +59,11 @@ def render_receipt(rng: random.Random, width: int) -> Image.Image:
     rgba = _tint(sheet, _paper_colour(rng, warm=0.6)).convert("RGBA")
     rgba.putalpha(_torn_mask(rng, width, height))
     return rgba
+
+
+@functools.lru_cache(maxsize=None)
+def _pooled_receipt_text(pool: int, index: int) -> Image.Image:
+    return _receipt_text(random.Random(f"{pool}:receipt:{index}"))
 
 
 def _receipt_text(rng: random.Random) -> Image.Image:
@@ -133,17 +144,32 @@ def _torn_mask(rng: random.Random, width: int, height: int) -> Image.Image:
 
 # ---------------------------------------------------------------------------------------- documents
 
-def render_document(rng: random.Random, width: int, kind: str | None = None) -> Image.Image:
-    """An A4 page `width` px wide of `kind` (random when None), with crumples and maybe folds."""
-    kind = kind or rng.choices(DOCUMENT_KINDS, weights=[3, 3, 3, 1])[0]
-    page = Image.new("RGB", (PAPER_WIDTH_DOC, round(PAPER_WIDTH_DOC * A4_RATIO)), (255, 255, 255))
-    {"letter": _letter, "tax_form": _tax_form, "invoice": _invoice, "blank": _blank}[kind](rng, page)
+def render_document(rng: random.Random, width: int, kind: str | None = None, pool: int | None = None) -> Image.Image:
+    """An A4 page `width` px wide of `kind` (random when None), with crumples and maybe folds; `pool`
+    as for `render_receipt` (then `kind` is the pooled page's)."""
+    if pool is not None:
+        page = _pooled_page(pool, rng.randrange(POOL_SIZE // 2))
+    else:
+        page = _page(rng, kind or rng.choices(DOCUMENT_KINDS, weights=[3, 3, 3, 1])[0])
     height = round(width * page.height / page.width)
     page = page.resize((width, height), Image.Resampling.BOX)
     if rng.random() < 0.4:
         page = _tri_fold(rng, page)
     page = _crumple(rng, page, strength=rng.uniform(0.02, 0.09))
     return ImageChops.multiply(page, Image.new("RGB", page.size, _paper_colour(rng, warm=0.25))).convert("RGBA")
+
+
+def _page(rng: random.Random, kind: str) -> Image.Image:
+    """The printed page at paper resolution."""
+    page = Image.new("RGB", (PAPER_WIDTH_DOC, round(PAPER_WIDTH_DOC * A4_RATIO)), (255, 255, 255))
+    {"letter": _letter, "tax_form": _tax_form, "invoice": _invoice, "blank": _blank}[kind](rng, page)
+    return page
+
+
+@functools.lru_cache(maxsize=None)
+def _pooled_page(pool: int, index: int) -> Image.Image:
+    rng = random.Random(f"{pool}:page:{index}")
+    return _page(rng, rng.choices(DOCUMENT_KINDS, weights=[3, 3, 3, 1])[0])
 
 
 def _letter(rng: random.Random, page: Image.Image) -> None:
@@ -241,6 +267,37 @@ def _tri_fold(rng: random.Random, page: Image.Image) -> Image.Image:
         draw.line([0, y, page.width, y + rng.randint(-2, 2)], fill=(200, 200, 196))
         draw.line([0, y + 1, page.width, y + 1], fill=(255, 255, 255))
     return page
+
+
+# ------------------------------------------------------------------------------ small other paper
+
+def render_small_paper(rng: random.Random, width: int) -> Image.Image:
+    """A business card, a sticky note or a photo print `width` px wide: paper that is not a receipt."""
+    kind = rng.choice(["card", "note", "print"])
+    if kind == "card":
+        sheet = Image.new("RGB", (170, 100), _paper_colour(rng, warm=0.2))
+        draw = ImageDraw.Draw(sheet)
+        accent = _accent(rng)
+        draw.rectangle([10, 12, 34, 36], fill=accent)
+        draw.text((44, 14), rng.choice(content.STORES).title(), fill=accent, font=font("DejaVuSans-Bold", 11))
+        for i, line in enumerate(content.address_block(rng)[:3]):
+            draw.text((12, 50 + 13 * i), line, fill=(40, 40, 40), font=font("DejaVuSans", 9))
+    elif kind == "note":
+        sheet = Image.new("RGB", (120, 120), rng.choice([(250, 235, 120), (250, 190, 200), (180, 220, 250),
+                                                        (200, 240, 170)]))
+        draw = ImageDraw.Draw(sheet)
+        for i in range(rng.randint(1, 5)):  # handwriting: a wavy pen line per row
+            y = 18 + 20 * i
+            points = [(x, y + 3 * math.sin(x / rng.uniform(3, 6))) for x in range(10, rng.randint(50, 110), 2)]
+            draw.line(points, fill=(30, 30, 90), width=2)
+    else:
+        sheet = Image.new("RGB", (150, 105), (255, 255, 255))
+        inner = Image.new("RGB", (2, 2))
+        inner.putdata([tuple(rng.randint(20, 230) for _ in range(3)) for _ in range(4)])
+        sheet.paste(inner.resize((138, 93), Image.Resampling.BICUBIC), (6, 6))
+    height = max(2, round(width * sheet.height / sheet.width))
+    sheet = sheet.resize((width, height), Image.Resampling.BOX)
+    return _crumple(rng, sheet, strength=rng.uniform(0.01, 0.05)).convert("RGBA")
 
 
 # ------------------------------------------------------------------------------------------- shared

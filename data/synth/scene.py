@@ -1,203 +1,316 @@
-"""A photo or scan of a desk, table or scanner bed holding receipts and/or other paperwork.
+"""One scan or photo of paper: receipts and/or other paperwork, framed the way real images are.
 
 Public API:
-    render_scene(rng, size, receipt_count) -> (RGB image size x size, JPEG quality to save it with)
+    render_scene(rng, size, label, num_classes=3, max_receipts=12, paper=None) -> Scene
+    Paper            -- where the sheets come from (rendered by default; data.synth.real adds real images)
+    FRAMINGS         -- the kinds of picture, with their shares
 
-receipt_count 0 gives other paperwork only (letters, tax forms, invoices, blank pages), so a model
-must tell a receipt from a sheet of paper. With receipts, a document sometimes lies at one side as a
-distractor. Receipts are long narrow strips, documents A4-shaped; both vary in size, tint, rotation
-and crumpling, receipts may overlap a little or come stapled in pairs. Photos get shadows, uneven
-light, keystone perspective, blur and noise; scans are flat and even.
+Only the number of receipts may tell the classes apart. The framing (a tight scan, a scanner page, a
+close-up photo, a desk photo), the surface, the output's aspect ratio, greyscale versus colour and how
+much of the frame is paper are drawn *before* the class is looked at, from the same distribution for
+every class; the class then decides only which sheets fill the chosen layout:
+
+    tight_scan   one sheet (or a few) filling a white scan, like a flatbed scan cropped to the paper;
+                 class 0 is a document, or a narrow slice of one; with receipts, sometimes a document
+                 under them (a receipt lying on or stapled to a letter).
+    page_scan    an A4 scanner page holding k small sheets in rows, some overlapping; k is drawn the same
+                 way for every class; class 0 fills it with cards, notes and small pages, class 1 puts one
+                 receipt among them, class 2+ 2 to max_receipts receipts.
+    photo_close  a phone photo of one sheet (or two to four) filling most of the frame, on a desk or in
+                 a hand; class 0 is a document; receipts sometimes lie on a document.
+    photo_desk   a photo from further away: one to five sheets and desk clutter, receipts among invoices,
+                 letters, cards and notes.
 """
 
 from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
-import torch
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageOps
 
-from data.synth.paper import add_staple, render_document, render_receipt, staple_pair
+from data.synth.camera import Box, Size, add_clutter, add_hand, paste, photo_finish, scan_finish, surface
+from data.synth.paper import add_staple, render_document, render_receipt, render_small_paper, staple_pair
 
-Box = tuple[float, float, float, float]  # (left, top, right, bottom)
-
-
-def render_scene(rng: random.Random, size: int, receipt_count: int) -> tuple[Image.Image, int]:
-    """Draw one scene; every random choice comes from `rng` (and torch generators seeded from it)."""
-    scan = rng.random() < 0.25
-    scene = _scanner_bed(rng, size) if scan else _background(rng, size)
-    light = (rng.uniform(-1, 1), rng.uniform(0.3, 1))  # direction shadows fall in
-    free = (0.0, float(size))
-    if receipt_count == 0:
-        _place_documents(rng, scene, scan, light, rng.choice([1, 1, 1, 2]))
-    elif rng.random() < 0.12:
-        free = _place_side_document(rng, scene, scan, light)
-    if receipt_count:
-        _place_receipts(rng, scene, scan, light, receipt_count, free)
-    if scan:
-        return _scan_finish(rng, scene), rng.randint(75, 95)
-    return _photo_finish(rng, scene), rng.randint(50, 93)
+FRAMINGS = {"tight_scan": 0.25, "page_scan": 0.2, "photo_close": 0.3, "photo_desk": 0.25}
+GREY_SHARE = {"tight_scan": 0.45, "page_scan": 0.35, "photo_close": 0.05, "photo_desk": 0.05}
+MOST_RECEIPTS = {"tight_scan": 3, "page_scan": 12, "photo_close": 4, "photo_desk": 6}
+PHOTO_ASPECTS = ((3 / 4, 5), (1.0, 2), (4 / 3, 2), (9 / 16, 1))  # (width / height, weight)
 
 
-# -------------------------------------------------------------------------------------- backgrounds
+class Paper:
+    """Where a scene's sheets come from: here all rendered. Each method returns an RGBA sheet
+    `width` px wide (its height follows its shape) and the source file it came from ("" when drawn).
 
-def _background(rng: random.Random, size: int) -> Image.Image:
-    kind = rng.choices(["wood", "table", "fabric"], weights=[4, 4, 2])[0]
-    if kind == "wood":
-        return _wood(rng, size)
-    base = _surface_colour(rng)
-    scene = Image.new("RGB", (size, size), base)
-    grain = 3 if kind == "table" else 1
-    return ImageChops.multiply(scene, _noise_field(rng, size, cells=rng.randint(2, 6), low=0.82, grain=grain))
-
-
-def _surface_colour(rng: random.Random) -> tuple[int, int, int]:
-    """Desk and table tops: mostly darker than paper, sometimes a light laminate."""
-    if rng.random() < 0.08:
-        v = rng.randint(175, 210)
-        return v, v - rng.randint(0, 10), v - rng.randint(0, 20)
-    hue = rng.choice([(1.0, 1.0, 1.0), (1.0, 0.8, 0.6), (0.6, 0.7, 1.0), (0.6, 0.9, 0.7), (1.0, 0.6, 0.6)])
-    v = rng.randint(30, 160)
-    return tuple(min(255, round(v * h)) for h in hue)
-
-
-def _wood(rng: random.Random, size: int) -> Image.Image:
-    """Wood grain: bands whose shade drifts slowly, a few dark grain lines, scaled up and smoothed."""
-    small = max(16, size // 3)
-    base = (rng.randint(70, 170), rng.randint(40, 110), rng.randint(15, 60))
-    image = Image.new("RGB", (small, small), base)
-    draw = ImageDraw.Draw(image)
-    phase, wave, shade = rng.uniform(0, 6.3), rng.uniform(0.5, 3), 1.0
-    for y in range(small):
-        shade = min(1.15, max(0.75, shade + rng.gauss(0, 0.035)))
-        if rng.random() < 0.06:
-            shade *= 0.85
-        colour = tuple(min(255, round(c * shade)) for c in base)
-        offset = math.sin(y / small * wave * 6.3 + phase) * small * 0.03
-        draw.line([0, y + offset, small, y - offset], fill=colour)
-    if rng.random() < 0.5:  # planks
-        for y in range(rng.randint(small // 4, small), small, rng.randint(small // 3, small)):
-            draw.line([0, y, small, y], fill=tuple(c // 2 for c in base))
-    image = image.resize((size, size), Image.Resampling.BICUBIC)  # upscaling from 1/3 size smooths it
-    return image.rotate(rng.choice([0, 90]) + rng.uniform(-8, 8), resample=Image.Resampling.BILINEAR,
-                        expand=False, fillcolor=base)
-
-
-def _scanner_bed(rng: random.Random, size: int) -> Image.Image:
-    """An open-lid scan: near-black bed, or the grey of a document camera's mat."""
-    v = rng.randint(8, 45) if rng.random() < 0.7 else rng.randint(90, 140)
-    return Image.new("RGB", (size, size), (v, v, v + rng.randint(0, 6)))
-
-
-def _noise_field(rng: random.Random, size: int, cells: int, low: float, grain: float) -> Image.Image:
-    """RGB multiply map: smooth blotches (cells per side) plus a texture of `grain` px, values in [low, 1]."""
-    coarse = Image.new("L", (cells, cells))
-    coarse.putdata([round(255 * rng.uniform(low, 1.0)) for _ in range(cells * cells)])
-    field = coarse.resize((size, size), Image.Resampling.BICUBIC)
-    # Fine texture drawn at a fraction of the size: upscaling smooths it as a blur would, for less.
-    small = max(8, round(size / (1 + grain)))
-    fine = _uniform_noise(rng, (small, small), 220, 255, channels=1)
-    fine = fine.resize((size, size), Image.Resampling.BILINEAR)
-    return Image.merge("RGB", [ImageChops.multiply(field, fine)] * 3)
-
-
-def _uniform_noise(rng: random.Random, size: tuple[int, int], low: int, high: int, channels: int) -> Image.Image:
-    """Uniform integer noise in [low, high] (L or RGB), from a torch generator seeded by `rng`.
-
-    Pillow's own `effect_noise` draws from C `rand()`, whose state depends on the process's history,
-    so it would make images depend on the worker count.
+    Args:
+        pool: when set, printed texts come from a pool drawn from this seed (data.synth.paper), which
+            makes a dataset several times faster to draw; None draws every text anew.
     """
-    generator = torch.Generator().manual_seed(rng.getrandbits(62))
-    noise = torch.randint(low, high + 1, (size[1], size[0], channels), generator=generator, dtype=torch.uint8)
-    return Image.frombytes("L" if channels == 1 else "RGB", size, noise.numpy().tobytes())
+
+    def __init__(self, pool: int | None = None) -> None:
+        self.pool = pool
+
+    def receipt(self, rng: random.Random, width: int) -> tuple[Image.Image, str]:
+        return render_receipt(rng, width, pool=self.pool), ""
+
+    def document(self, rng: random.Random, width: int) -> tuple[Image.Image, str]:
+        return render_document(rng, width, pool=self.pool), ""
+
+    def background(self, rng: random.Random, kind: str, size: Size) -> tuple[Image.Image, str]:
+        """An RGB surface of `size` = (width, height); kind in data.synth.camera.SURFACES."""
+        return surface(rng, kind, size), ""
 
 
-# ---------------------------------------------------------------------------------------- placement
+@dataclass(frozen=True)
+class Scene:
+    """A drawn image and what is in it."""
 
-def _place_documents(rng: random.Random, scene: Image.Image, scan: bool, light: tuple[float, float],
-                     count: int) -> None:
-    """One page filling much of the frame, or two smaller pages side by side."""
-    size = scene.width
-    for i in range(count):
-        width = round(size * (rng.uniform(0.5, 0.85) if count == 1 else rng.uniform(0.38, 0.55)))
-        page = _rotate(rng, render_document(rng, width), spread=3 if scan else 10)
-        cx = size * (rng.uniform(0.35, 0.65) if count == 1 else (0.27 + 0.46 * i + rng.uniform(-0.08, 0.08)))
-        cy = size * rng.uniform(0.35, 0.65)
-        _paste(rng, scene, page, (cx - page.width / 2, cy - page.height / 2), scan, light)
+    image: Image.Image
+    quality: int  # JPEG quality to save it with
+    receipt_count: int
+    framing: str
+    sources: tuple[str, ...]  # real source files used as paper, in drawing order (empty when all rendered)
 
 
-def _place_side_document(rng: random.Random, scene: Image.Image, scan: bool,
-                         light: tuple[float, float]) -> tuple[float, float]:
-    """A page half off one side of the frame; returns the horizontal range left for receipts."""
-    size = scene.width
-    page = _rotate(rng, render_document(rng, round(size * rng.uniform(0.45, 0.6))), spread=3 if scan else 10)
-    # Wide enough that the visible part reads as a sheet, not as one more narrow strip.
-    visible = min(page.width * 0.8, size * rng.uniform(0.3, 0.42))
-    left_side = rng.random() < 0.5
-    x = visible - page.width if left_side else size - visible
-    _paste(rng, scene, page, (x, size * rng.uniform(-0.1, 0.5) - page.height * 0.25), scan, light)
-    return (visible * 0.8, float(size)) if left_side else (0.0, size - visible * 0.8)
+class _Stock:
+    """The sheets one scene takes from a `Paper`, remembering the source files used."""
+
+    def __init__(self, paper: Paper) -> None:
+        self.paper, self.sources = paper, []
+
+    def receipt(self, rng: random.Random, width: float) -> Image.Image:
+        return self._keep(self.paper.receipt(rng, max(4, round(width))))
+
+    def document(self, rng: random.Random, width: float) -> Image.Image:
+        return self._keep(self.paper.document(rng, max(4, round(width))))
+
+    def background(self, rng: random.Random, kind: str, size: Size) -> Image.Image:
+        return self._keep(self.paper.background(rng, kind, size)).convert("RGB")
+
+    def other(self, rng: random.Random, width: float, documents: float = 0.4) -> Image.Image:
+        """A non-receipt sheet for a layout slot: a page (with probability `documents`), card, note or print."""
+        if rng.random() < documents:
+            return self.document(rng, width)
+        return render_small_paper(rng, max(4, round(width)))
+
+    def _keep(self, sheet: tuple[Image.Image, str]) -> Image.Image:
+        if sheet[1]:
+            self.sources.append(sheet[1])
+        return sheet[0]
 
 
-def _place_receipts(rng: random.Random, scene: Image.Image, scan: bool, light: tuple[float, float],
-                    count: int, free: tuple[float, float]) -> None:
-    """Receipts spread over the free band (x range), overlapping little."""
-    placed: list[Box] = []
-    overlap_ok = 0.2 if rng.random() < 0.2 else 0.06
-    for sheet in _receipt_sheets(rng, scene.width, count, free[1] - free[0]):
-        sheet = _rotate(rng, sheet, spread=4 if scan else 18, sideways=count <= 2 and rng.random() < 0.1)
-        box = _choose_position(rng, sheet.size, free, scene.width, placed, overlap_ok)
-        placed.append(box)
-        _paste(rng, scene, sheet, box[:2], scan, light)
+def render_scene(rng: random.Random, size: int, label: int, num_classes: int = 3, max_receipts: int = 12,
+                 paper: Paper | None = None) -> Scene:
+    """Draw one image of class `label` whose long side is `size` px; every choice comes from `rng`."""
+    framing = rng.choices(list(FRAMINGS), weights=list(FRAMINGS.values()))[0]
+    grey = rng.random() < GREY_SHARE[framing]
+    most = min(max_receipts, MOST_RECEIPTS[framing])
+    count = receipt_count(rng, label, num_classes, most)
+    # How many sheets a layout holds at least: for every class, distributed as the last class's count,
+    # so the number of sheets (and the paper they cover) says nothing about the class.
+    crowd = count if label == num_classes - 1 else receipt_count(rng, num_classes - 1, num_classes, most)
+    stock = _Stock(paper or Paper())
+    image = LAYOUTS[framing](rng, size, count, crowd, stock)
+    scan = framing.endswith("scan")
+    image = scan_finish(rng, image) if scan else photo_finish(rng, image)
+    if grey:
+        image = ImageOps.grayscale(image).convert("RGB")
+    quality = rng.randint(75, 95) if scan else rng.randint(50, 93)
+    return Scene(image, quality, count, framing, tuple(stock.sources))
 
 
-def _receipt_sheets(rng: random.Random, size: int, count: int, band: float) -> list[Image.Image]:
-    """`count` receipts sized for the scene; sometimes two stapled into one sheet, or a lone staple."""
-    # One camera distance per scene; paper rolls differ in width (57-80 mm) by about this much.
-    close_up = count == 1 and rng.random() < 0.2
-    scale = size * (rng.uniform(0.18, 0.25) if close_up else rng.uniform(0.12, 0.16))
-    width_cap = 0.85 * band / count
-    strips = [_fit_length(render_receipt(rng, round(min(scale * rng.uniform(0.85, 1.1), width_cap))), size)
-              for _ in range(count)]
+def receipt_count(rng: random.Random, label: int, num_classes: int, most: int) -> int:
+    """The count for a class: exact below the last class; the last class ("n or more") spreads over
+    n .. most (most never below n), weighted towards fewer as real collections are."""
+    last = num_classes - 1
+    if label < last:
+        return label
+    counts = list(range(last, max(last, most) + 1))
+    return rng.choices(counts, weights=[1 / math.sqrt(1 + c - last) for c in counts])[0]
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+def _tight_scan(rng: random.Random, size: int, count: int, crowd: int, stock: _Stock) -> Image.Image:
+    """A scan cropped to the paper: the frame's aspect is drawn first, then filled by the sheet(s)."""
+    aspect = rng.uniform(0.3, 1.0)
+    w, h = max(8, round(size * aspect)), size
+    scene = stock.background(rng, "scanner_lid", (w, h))
+    margin = h * rng.uniform(0.0, 0.05)
+    row = _receipt_row(rng, stock, count, (w, h), margin, height_share=(0.8, 1.0), spread=2) if count else []
+    if count == 0 or rng.random() < 0.2:  # a document alone, or under the receipts
+        if rng.random() < 0.5:
+            width = w * rng.uniform(0.9, 1.05)
+        else:  # in a narrow frame, a slice of the page as tall as the frame
+            width = max(w * rng.uniform(0.9, 1.05), (h - 2 * margin) / 1.414 * rng.uniform(0.95, 1.05))
+        page = _rotate(rng, stock.document(rng, width * (rng.uniform(0.8, 1.0) if count else 1.0)), spread=2)
+        paste(rng, scene, page, ((w - page.width) / 2 + rng.uniform(-0.1, 0.1) * w, margin), False, (0, 0))
+    _paste_all(rng, scene, row, shadow=False)
+    return scene
+
+
+def _receipt_row(rng: random.Random, stock: _Stock, count: int, frame: Size, margin: float,
+                 height_share: tuple[float, float], spread: float) -> list[tuple[Image.Image, tuple[float, float]]]:
+    """`count` receipts in a row across the frame, each as tall as a share of it (shrunk to fit the
+    width), some overlapping or stapled: (sheet, top-left) pairs to paste."""
+    w, h = frame
+    target_h = (h - 2 * margin) * rng.uniform(*height_share)
+    sheets = [_fit_height(stock.receipt(rng, target_h * rng.uniform(0.3, 0.5)), target_h) for _ in range(count)]
     if count >= 2 and rng.random() < 0.12:
-        return [staple_pair(rng, strips.pop(), strips.pop())] + strips
-    if rng.random() < 0.1:
-        _staple_corner(rng, strips[0])
-    return strips
+        sheets = [staple_pair(rng, sheets.pop(), sheets.pop())] + sheets
+    step = rng.uniform(0.6, 1.05)  # below 1: neighbours overlap
+    scale = min(1.0, (w - 2 * max(0.0, margin)) / max(1.0, sum(s.width for s in sheets) * step))
+    sheets = [_rotate(rng, _scaled(s, scale), spread=spread) for s in sheets]
+    x = (w - sum(s.width for s in sheets) * step) / 2 + rng.uniform(-0.05, 0.05) * w
+    row = []
+    for sheet in sheets:
+        row.append((sheet, (x, margin + rng.uniform(0, max(0.0, h - 2 * margin - sheet.height)))))
+        x += sheet.width * step
+    return row
 
 
-def _fit_length(strip: Image.Image, size: int) -> Image.Image:
-    """Shrink a receipt longer than most of the frame, keeping its shape."""
-    limit = 0.88 * size
-    if strip.height <= limit:
-        return strip
-    scale = limit / strip.height
-    return strip.resize((max(2, round(strip.width * scale)), round(limit)), Image.Resampling.BOX)
+def _paste_all(rng: random.Random, scene: Image.Image, row: list[tuple[Image.Image, tuple[float, float]]],
+               shadow: bool) -> None:
+    light = (rng.uniform(-1, 1), rng.uniform(0.3, 1))
+    for sheet, xy in row:
+        paste(rng, scene, sheet, xy, shadow, light)
 
 
-def _staple_corner(rng: random.Random, strip: Image.Image) -> None:
-    length = max(4, strip.width * rng.uniform(0.15, 0.25))
-    add_staple(ImageDraw.Draw(strip), strip.width * rng.uniform(0.2, 0.8), length, length, rng.uniform(-40, 40))
+def _bounds(row: list[tuple[Image.Image, tuple[float, float]]]) -> Box:
+    return (min(xy[0] for _, xy in row), min(xy[1] for _, xy in row),
+            max(xy[0] + s.width for s, xy in row), max(xy[1] + s.height for s, xy in row))
+
+
+def _page_scan(rng: random.Random, size: int, count: int, crowd: int, stock: _Stock) -> Image.Image:
+    """An A4 page (portrait or landscape) holding k sheets in rows; the class picks how many are receipts."""
+    portrait = rng.random() < 0.7
+    w, h = (round(size / 1.414), size) if portrait else (size, round(size / 1.414))
+    scene = stock.background(rng, "scanner_lid" if rng.random() < 0.75 else "scanner_bed", (w, h))
+    slots = max(count, crowd, rng.randint(1, 8))
+    kinds = ["receipt"] * count + ["other"] * (slots - count)
+    rng.shuffle(kinds)
+    cols = min(slots, max(1, round(math.sqrt(slots * (w / h) / 0.55))))
+    rows = math.ceil(slots / cols)
+    cell_w, cell_h = w / cols, h / rows
+    crowd = rng.uniform(0.7, 0.95) if rng.random() < 0.7 else rng.uniform(1.0, 1.25)  # > 1: overlap
+    for i, kind in enumerate(kinds):
+        box_w, box_h = cell_w * crowd, cell_h * crowd
+        if kind == "receipt":
+            sheet = _fit_box(stock.receipt(rng, box_h * rng.uniform(0.3, 0.5)), box_w, box_h)
+        else:
+            sheet = _fit_box(stock.other(rng, box_w * rng.uniform(0.8, 1.0), documents=0.7), box_w, box_h)
+        sheet = _rotate(rng, sheet, spread=4)
+        cx = (i % cols + 0.5) * cell_w + rng.uniform(-0.1, 0.1) * cell_w
+        cy = (i // cols + 0.5) * cell_h + rng.uniform(-0.1, 0.1) * cell_h
+        paste(rng, scene, sheet, (cx - sheet.width / 2, cy - sheet.height / 2), False, (0, 0))
+    return scene
+
+
+def _photo_close(rng: random.Random, size: int, count: int, crowd: int, stock: _Stock) -> Image.Image:
+    """A phone photo of one sheet (or a few) filling much of the frame, on a desk or held in a hand.
+
+    How much of the frame is paper is drawn first, for every class alike; a document brings the
+    paper up to it: alone (class 0), or under the receipts when they cover less (a receipt on a letter).
+    """
+    w, h = _photo_size(rng, size)
+    scene = stock.background(rng, rng.choice(["wood", "table", "table", "fabric"]), (w, h))
+    coverage = rng.uniform(0.2, 0.85)
+    row, paper, share = [], 0.0, 1.0
+    for _ in range(2 if count else 0):  # a second try, shrunk, when the receipts cover more than drawn
+        row = _receipt_row(rng, stock, count, (w, h), -0.05 * h, (0.65 * share, 1.05 * share), spread=10)
+        paper = sum(sheet.width * sheet.height for sheet, _ in row) * 0.8 / (w * h)  # rotated corners are empty
+        if paper <= coverage + 0.1:
+            break
+        share = math.sqrt(coverage / paper)
+    held = _bounds(row) if row else None
+    if paper < coverage - 0.1:
+        width = math.sqrt(coverage * w * h / 1.414)  # an A4 page of that area
+        page = _rotate(rng, stock.document(rng, width), spread=10)
+        xy = ((w - page.width) / 2 + rng.uniform(-0.15, 0.15) * w, (h - page.height) / 2 + rng.uniform(-0.2, 0.2) * h)
+        paste(rng, scene, page, xy, True, (rng.uniform(-1, 1), rng.uniform(0.3, 1)))
+        held = held or (xy[0], xy[1], xy[0] + page.width, xy[1] + page.height)
+    _paste_all(rng, scene, row, shadow=True)
+    if rng.random() < 0.3:
+        add_hand(rng, scene, held)
+    return scene
+
+
+def _photo_desk(rng: random.Random, size: int, count: int, crowd: int, stock: _Stock) -> Image.Image:
+    """A photo from further away: sheets among desk clutter, receipts next to letters and invoices."""
+    w, h = _photo_size(rng, size)
+    scene = stock.background(rng, rng.choice(["wood", "table", "fabric"]), (w, h))
+    light = (rng.uniform(-1, 1), rng.uniform(0.3, 1))
+    add_clutter(rng, scene, rng.randint(0, 3))
+    slots = max(count, crowd, rng.randint(1, 6))
+    kinds = ["receipt"] * count + ["other"] * (slots - count)
+    rng.shuffle(kinds)
+    unit, placed = min(w, h), []
+    for kind in kinds:
+        if kind == "receipt":
+            sheet = _fit_height(stock.receipt(rng, unit * rng.uniform(0.1, 0.18)), 0.9 * h)
+        else:
+            sheet = stock.other(rng, unit * rng.uniform(0.18, 0.45))
+        sheet = _rotate(rng, sheet, spread=18, sideways=rng.random() < 0.08)
+        box = _choose_position(rng, sheet.size, (w, h), placed, overlap_ok=0.2 if rng.random() < 0.3 else 0.06)
+        placed.append(box)
+        paste(rng, scene, sheet, box[:2], True, light)
+    return scene
+
+
+LAYOUTS = {"tight_scan": _tight_scan, "page_scan": _page_scan, "photo_close": _photo_close,
+           "photo_desk": _photo_desk}
+
+
+# -------------------------------------------------------------------------------------------- sheets
+
+def _photo_size(rng: random.Random, size: int) -> Size:
+    """(width, height) of a photo whose long side is `size`: mostly portrait 3:4, as phones shoot paper."""
+    aspect = rng.choices([a for a, _ in PHOTO_ASPECTS], weights=[wt for _, wt in PHOTO_ASPECTS])[0]
+    return (size, max(8, round(size / aspect))) if aspect >= 1 else (max(8, round(size * aspect)), size)
+
+
+def _scaled(sheet: Image.Image, scale: float) -> Image.Image:
+    if abs(scale - 1.0) < 1e-3:
+        return sheet
+    return sheet.resize((max(2, round(sheet.width * scale)), max(2, round(sheet.height * scale))),
+                        Image.Resampling.BOX)
+
+
+def _fit_height(sheet: Image.Image, height: float) -> Image.Image:
+    """Scale a sheet longer than `height` down to it, keeping its shape."""
+    return _scaled(sheet, height / sheet.height) if sheet.height > height else sheet
+
+
+def _fit_box(sheet: Image.Image, width: float, height: float) -> Image.Image:
+    """Scale a sheet down to fit inside width x height, keeping its shape."""
+    return _scaled(sheet, min(1.0, width / sheet.width, height / sheet.height))
 
 
 def _rotate(rng: random.Random, sheet: Image.Image, spread: float, sideways: bool = False) -> Image.Image:
     """Rotate by a mostly small angle; now and then a larger one, or lying sideways."""
     angle = rng.gauss(0, spread / 2) if rng.random() < 0.8 else rng.uniform(-2 * spread, 2 * spread)
     angle += 90 * rng.choice([-1, 1]) if sideways else 0
+    if rng.random() < 0.08 and sheet.width < sheet.height:
+        _staple_corner(rng, sheet)
     return sheet.rotate(angle, resample=Image.Resampling.BILINEAR, expand=True)
 
 
-def _choose_position(rng: random.Random, obj_size: tuple[int, int], free: tuple[float, float], size: int,
-                     placed: list[Box], overlap_ok: float) -> Box:
-    """Top-left box for an object in the free band, keeping >= ~92% of it in frame and its overlap
-    with already placed receipts (as a fraction of the smaller box) at most `overlap_ok`; best of 40."""
-    w, h = obj_size
+def _staple_corner(rng: random.Random, sheet: Image.Image) -> None:
+    length = max(4, sheet.width * rng.uniform(0.15, 0.25))
+    add_staple(ImageDraw.Draw(sheet), sheet.width * rng.uniform(0.2, 0.8), length, length, rng.uniform(-40, 40))
+
+
+def _choose_position(rng: random.Random, obj_size: Size, frame: Size, placed: list[Box],
+                     overlap_ok: float) -> Box:
+    """Top-left box for an object, keeping >= ~92% of it in frame and its overlap with the boxes already
+    placed (as a fraction of the smaller box) at most `overlap_ok`; the best of 40 tries."""
+    (w, h), (fw, fh) = obj_size, frame
     slack_x, slack_y = 0.05 * w, 0.04 * h
     best, best_overlap = None, float("inf")
     for _ in range(40):
-        x = rng.uniform(free[0] - slack_x, max(free[0] - slack_x, free[1] - w + slack_x))
-        y = rng.uniform(-slack_y, max(-slack_y, size - h + slack_y))
+        x = rng.uniform(-slack_x, max(-slack_x, fw - w + slack_x))
+        y = rng.uniform(-slack_y, max(-slack_y, fh - h + slack_y))
         box = (x, y, x + w, y + h)
         overlap = max((_overlap(box, other) for other in placed), default=0.0)
         if overlap < best_overlap:
@@ -215,87 +328,3 @@ def _overlap(a: Box, b: Box) -> float:
         return 0.0
     smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
     return iw * ih / smaller
-
-
-def _paste(rng: random.Random, scene: Image.Image, sheet: Image.Image, xy: tuple[float, float], scan: bool,
-           light: tuple[float, float]) -> None:
-    """Alpha-paste a sheet, first casting its soft shadow on what is below (photos only)."""
-    x, y = round(xy[0]), round(xy[1])
-    alpha = sheet.getchannel("A")
-    if not scan:
-        reach = scene.width * rng.uniform(0.004, 0.014)
-        blurred = alpha.filter(ImageFilter.GaussianBlur(reach * 0.8))
-        opacity = rng.uniform(0.25, 0.55)
-        shadow = blurred.point(lambda v: round(v * opacity))
-        scene.paste((0, 0, 0), (x + round(light[0] * reach), y + round(light[1] * reach)), shadow)
-    scene.paste(sheet, (x, y), alpha)
-
-
-# ------------------------------------------------------------------------------------------ camera
-
-def _photo_finish(rng: random.Random, scene: Image.Image) -> Image.Image:
-    scene = ImageChops.multiply(scene, _lighting(rng, scene.width))
-    if rng.random() < 0.3:
-        scene = _cast_shadow(rng, scene)
-    scene = _keystone(rng, scene, strength=rng.uniform(0.0, 0.09)) if rng.random() < 0.85 else scene
-    radius = rng.uniform(0.0, 1.1) * scene.width / 448
-    scene = scene.filter(ImageFilter.GaussianBlur(radius)) if radius > 0.25 else scene
-    return _add_noise(rng, scene, amplitude=rng.randint(2, 12))
-
-
-def _scan_finish(rng: random.Random, scene: Image.Image) -> Image.Image:
-    if rng.random() < 0.5:
-        scene = scene.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.6) * scene.width / 448))
-    return _add_noise(rng, scene, amplitude=rng.randint(1, 4))
-
-
-def _lighting(rng: random.Random, size: int) -> Image.Image:
-    """RGB multiply map: a directional gradient, vignette and warm or cool colour cast."""
-    gradient = Image.linear_gradient("L").rotate(rng.uniform(0, 360), resample=Image.Resampling.BILINEAR,
-                                                 fillcolor=128)
-    depth = rng.uniform(0.0, 0.35)
-    gradient = gradient.point(lambda v: round(255 * (1 - depth * v / 255)))
-    vignette = Image.radial_gradient("L").point(lambda v, d=rng.uniform(0, 0.3): round(255 * (1 - d * v / 255)))
-    light = ImageChops.multiply(gradient, vignette).resize((size, size), Image.Resampling.BILINEAR)
-    cast = rng.choice([(1.0, 1.0, 1.0), (1.0, 0.95, 0.85), (1.0, 0.97, 0.92), (0.92, 0.96, 1.0)])
-    return Image.merge("RGB", [light.point(lambda v, c=c: round(v * c)) for c in cast])
-
-
-def _cast_shadow(rng: random.Random, scene: Image.Image) -> Image.Image:
-    """A soft shadow of a hand or phone reaching in from one edge."""
-    size = scene.width
-    mask = Image.new("L", (size, size), 0)
-    corner = rng.choice([(0, 0), (size, 0), (0, size), (size, size)])
-    points = [corner] + [(rng.uniform(0, size), rng.uniform(0, size)) for _ in range(3)]
-    ImageDraw.Draw(mask).polygon(points, fill=round(255 * rng.uniform(0.2, 0.45)))
-    mask = mask.filter(ImageFilter.GaussianBlur(size * 0.05))
-    return Image.composite(Image.new("RGB", scene.size, (0, 0, 0)), scene, mask)
-
-
-def _keystone(rng: random.Random, scene: Image.Image, strength: float) -> Image.Image:
-    """Camera tilt: the output frame samples a quadrilateral inside the scene, so no border appears."""
-    size = scene.width
-    inset = [(rng.uniform(0, strength) * size, rng.uniform(0, strength) * size) for _ in range(4)]
-    source = [(inset[0][0], inset[0][1]), (size - inset[1][0], inset[1][1]),
-              (size - inset[2][0], size - inset[2][1]), (inset[3][0], size - inset[3][1])]
-    target = [(0, 0), (size, 0), (size, size), (0, size)]
-    return scene.transform(scene.size, Image.Transform.PERSPECTIVE, _perspective_coeffs(target, source),
-                           Image.Resampling.BILINEAR)
-
-
-def _perspective_coeffs(target: list[tuple[float, float]], source: list[tuple[float, float]]) -> list[float]:
-    """PIL PERSPECTIVE coefficients (a..h) mapping output `target` corners to input `source` corners."""
-    rows, rhs = [], []
-    for (x, y), (u, v) in zip(target, source):
-        rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
-        rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
-        rhs += [u, v]
-    solution = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64))
-    return solution.tolist()
-
-
-def _add_noise(rng: random.Random, scene: Image.Image, amplitude: int) -> Image.Image:
-    """Sensor noise: every pixel's brightness moved by up to +-amplitude (luminance noise only;
-    a third of the cost of per-channel noise, and JPEG removes most colour noise anyway)."""
-    noise = _uniform_noise(rng, scene.size, 0, 2 * amplitude, channels=1)
-    return ImageChops.add(scene, Image.merge("RGB", [noise] * 3), scale=1.0, offset=-amplitude)
