@@ -18,10 +18,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from models import files
 from models.build import build_model
 from models.files import atomic_path, replace_dir, write_json
+from models.metrics import per_source_metrics
 from models.internvl2 import InternVL2MultimodalModel
 from train.checkpoints import list_checkpoints
 from train.plots import COLOURS, nice_ticks
-from train.report import confident_mistakes, per_source_metrics, stage_boundaries, write_report
+from train.report import confident_mistakes, stage_boundaries, write_report
 from train.run import main
 from train.tracking import flat_hyperparameters
 from tests.conftest import make_config, run_args
@@ -190,7 +191,8 @@ def test_confident_mistakes_and_per_source_metrics():
             {"image": "d", "label": 2, "probabilities": [0.1, 0.1, 0.8], "source": None}]
     mistakes = confident_mistakes(rows, ["0", "1", "2+"])
     assert [(m["image"], m["predicted"]) for m in mistakes] == [("c", 0), ("a", 1)]
-    metrics = per_source_metrics(rows, 3)
+    preds = [max(range(3), key=r["probabilities"].__getitem__) for r in rows]
+    metrics = per_source_metrics([r["label"] for r in rows], preds, [r["source"] for r in rows], 3)
     assert metrics["scans"]["images"] == 2 and metrics["scans"]["accuracy"] == 0.5
     assert metrics["photos"]["accuracy"] == 0.0 and set(metrics) == {"scans", "photos"}
 
