@@ -155,3 +155,20 @@ def per_source_metrics(targets: Labels, predictions: Labels, sources: Sequence[s
     return {source: {"images": len(idx), "accuracy": accuracy(t[idx], p[idx]),
                      "macro_f1": macro_f1(t[idx], p[idx], num_classes)}
             for source, idx in sorted(rows.items())}
+
+
+def coverage_report(targets: Labels, predictions: Labels, uncertain: Sequence[bool]) -> dict[str, float | int]:
+    """How many samples were flagged uncertain, and the accuracy on the others (the ones a user would trust).
+
+    Returns:
+        {"num_uncertain", "coverage": share of samples not flagged, "confident_accuracy": accuracy on
+        them (0.0 when every sample is flagged)}.
+    """
+    t, p = _as_long(targets), _as_long(predictions)
+    _check_pair(t, p)
+    flagged = torch.as_tensor(list(uncertain), dtype=torch.bool).reshape(-1)
+    if flagged.numel() != t.numel():
+        raise ValueError(f"{flagged.numel()} uncertain flags for {t.numel()} targets")
+    kept = ~flagged
+    return {"num_uncertain": int(flagged.sum()), "coverage": kept.double().mean().item() if t.numel() else 0.0,
+            "confident_accuracy": accuracy(t[kept], p[kept])}

@@ -77,7 +77,7 @@ def test_jsonl_on_stdout_one_row_per_input_and_exit_1_on_any_failure(export, tre
     assert errors[:2] == ["empty file", "not an image (unrecognised or corrupt header)"]
     assert errors[3:6] == ["file not found", "not an image (unrecognised or corrupt header)", "glob matched no files"]
     for r in (rows[2], rows[6], rows[7]):
-        assert set(r) == {"image", "label", "class_index", "probabilities"}
+        assert set(r) == {"image", "label", "class_index", "probabilities", "uncertain"}
         assert r["label"] == ["0", "1", "2+"][r["class_index"]] and list(r["probabilities"]) == ["0", "1", "2+"]
     assert set(rows[0]) == {"image", "error"}
     assert "3 of 8 image(s) classified, 5 failed" in err and "classifying" in err  # progress on stderr
@@ -92,11 +92,12 @@ def test_jsonl_and_csv_files_hold_the_same_answers_and_exit_0(export, tree, tmp_
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     with (tmp_path / "p.csv").open(newline="") as handle:
         table = list(csv.DictReader(handle))
-    assert list(table[0]) == ["image", "label", "class_index", "prob_0", "prob_1", "prob_2+", "error"]
+    assert list(table[0]) == ["image", "label", "class_index", "prob_0", "prob_1", "prob_2+", "uncertain", "error"]
     assert [r["image"] for r in rows] == [t["image"] for t in table] == [
         str(tree / "scans" / "b.png"), str(tree / "scans" / "deep" / "c.jpg"), str(tree / "a.jpg")]
     for r, t in zip(rows, table):
         assert t["label"] == r["label"] and int(t["class_index"]) == r["class_index"] and t["error"] == ""
+        assert t["uncertain"] == str(r["uncertain"])
         for name, p in r["probabilities"].items():
             assert abs(float(t[f"prob_{name}"]) - p) < 1e-5  # batch 16 (JSONL) vs batch 1 (CSV)
 
