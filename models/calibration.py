@@ -98,8 +98,8 @@ def parse_probability(text: str) -> float:
 
 
 def scaled_probabilities(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(logits / T) over the last dimension, in float32: (N, C) -> (N, C)."""
-    return (logits.float() / temperature).softmax(-1)
+    """softmax(logits / T) over the last dimension, in the logits' dtype: (N, C) -> (N, C)."""
+    return (logits / temperature).softmax(-1)
 
 
 def negative_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> float:
@@ -159,7 +159,7 @@ def scaling_metrics(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
         return dict.fromkeys(("nll_before", "nll_after", "ece_before", "ece_after"))
     z, t = _checked(logits, targets)
     return {"nll_before": negative_log_likelihood(z, t), "nll_after": negative_log_likelihood(z, t, temperature),
-            "ece_before": expected_calibration_error(z.softmax(-1), t, ECE_BINS),
+            "ece_before": expected_calibration_error(scaled_probabilities(z, 1.0), t, ECE_BINS),
             "ece_after": expected_calibration_error(scaled_probabilities(z, temperature), t, ECE_BINS)}
 
 

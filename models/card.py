@@ -69,11 +69,13 @@ def calibration_section(calibration: Calibration, inference: InferenceConfig) ->
     c = calibration
     lines = [CALIBRATION_HEADING, ""]
     if c.fitted:
-        lines.append(f"Probabilities are softmax(logits / T) with the temperature **T = {c.temperature:.4f}**, fitted "
-                     f"on `{c.fitted_on}` ({c.num_samples:,} images) by minimising the negative log-likelihood. "
-                     f"There, the expected calibration error (15 bins) went from {c.ece_before:.4f} (T = 1) to "
-                     f"{c.ece_after:.4f} and the NLL from {c.nll_before:.4f} to {c.nll_after:.4f}; "
-                     "the predicted class is the same at any T.")
+        text = (f"Probabilities are softmax(logits / T) with the temperature **T = {c.temperature:.4f}**, fitted on "
+                f"`{c.fitted_on}` ({c.num_samples:,} images) by minimising the negative log-likelihood; the predicted "
+                "class is the same at any T.")
+        if c.ece_before is not None and c.nll_before is not None:
+            text += (f" There, the expected calibration error (15 bins) went from {c.ece_before:.4f} (T = 1) to "
+                     f"{c.ece_after:.4f} and the NLL from {c.nll_before:.4f} to {c.nll_after:.4f}.")
+        lines.append(text)
     else:
         lines.append(f"**Not calibrated**: T = {c.temperature:g} was not fitted (no labelled validation data), so the "
                      "probabilities are the model's plain softmax. Fit one on your own labelled images with "

@@ -148,3 +148,20 @@ def test_a_bfloat16_export_predicts_kept_in_bfloat16(export, tree, tmp_path, cap
     assert code == 0
     # bfloat16 weights and arithmetic: the tolerance of tests/test_inference.py
     assert all(abs(rows[0]["probabilities"][k] - p) < 0.02 for k, p in want[0]["probabilities"].items())
+
+
+def test_uncertain_below_on_the_command_line_overrides_the_export(export, tree, capsys):
+    inputs = [str(tree / "a.jpg"), str(tree / "scans")]
+    _, rows, _ = run_main(["--checkpoint", str(export), *inputs], capsys)
+    tops = [max(r["probabilities"].values()) for r in rows]
+    assert [r["uncertain"] for r in rows] == [t < 0.5 for t in tops]  # the export's inference.uncertain_below
+    cut = sorted(tops)[1]  # the flag flips here: the lowest row is below it, a row at it is not
+    _, rows, _ = run_main(["--checkpoint", str(export), "--uncertain-below", repr(cut), *inputs], capsys)
+    assert [r["uncertain"] for r in rows] == [t < cut for t in tops] and sum(r["uncertain"] for r in rows) == 1
+    for threshold, flagged in (("0", 0), ("1", 3)):
+        _, rows, _ = run_main(["--checkpoint", str(export), "--uncertain-below", threshold, *inputs], capsys)
+        assert sum(r["uncertain"] for r in rows) == flagged
+    with pytest.raises(SystemExit) as exc:
+        predict.main(["--checkpoint", str(export), "--uncertain-below", "1.5", *inputs])
+    assert exc.value.code == 2
+    assert "argument --uncertain-below: expected a probability in [0, 1], got '1.5'" in capsys.readouterr().err
