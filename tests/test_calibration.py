@@ -205,5 +205,6 @@ def test_the_uncertain_threshold_comes_from_the_config_and_is_recorded(tiny_chec
 def test_training_refuses_a_threshold_outside_0_1(tiny_checkpoints, receipts, tmp_path, capsys):
     args = run_args(tiny_checkpoints, receipts, tmp_path / "run", "inference.uncertain_below=-0.1")
     assert train_main(args) == 2
-    assert "config error: inference.uncertain_below must be a probability in [0, 1], got -0.1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "config error: inference.uncertain_below must be a probability in [0, 1], got -0.1" in err
     assert load_config(REPO / "config" / "base.yaml").inference.uncertain_below == 0.5

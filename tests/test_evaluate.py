@@ -190,7 +190,8 @@ def test_evaluate_reports_per_source_calibration_and_coverage(export, sourced, t
     top = (logits / 2).softmax(-1).max(1).values
     flagged = top < 0.4
     assert metrics["uncertainty"] == {
-        "uncertain_below": 0.4, "num_uncertain": int(flagged.sum()), "coverage": pytest.approx(1 - flagged.double().mean().item()),
+        "uncertain_below": 0.4, "num_uncertain": int(flagged.sum()),
+        "coverage": pytest.approx(1 - flagged.double().mean().item()),
         "confident_accuracy": pytest.approx(accuracy(labels[~flagged], preds[~flagged]))}
     assert f"uncertain (top probability < 0.4): {int(flagged.sum())} of 8" in printed
 

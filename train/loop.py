@@ -13,12 +13,13 @@ What a run writes besides checkpoints and exports:
                           mean loss and gradient norm since the last row, the LR of every group;
     RUN/metrics.jsonl     per epoch: training loss, validation metrics, skipped images, encoder;
     RUN/results.json      at the end: best validation macro-F1 and the test metrics;
-Every export (RUN/best/, RUN/final/) carries a temperature fitted on the validation split's logits
-(`models.calibration`), or T = 1 marked as not fitted, with a warning, when the run has no validation split.
     RUN/test_predictions.jsonl, RUN/timing.json   what `train.report` needs for RUN/report.md.
 The same rows go to the trackers of `train.report_to` (`train.tracking`). Losses and skipped counts
 are running sums over all processes kept in `TrainingProgress`, so a resumed run logs the rows an
 uninterrupted one would have.
+
+Every export (RUN/best/, RUN/final/) carries a temperature fitted on the validation split's logits
+(`models.calibration`), or T = 1 recorded as not fitted, with a warning, when the run has no validation split.
 """
 
 from __future__ import annotations
