@@ -51,7 +51,7 @@ def model_card(model: "InternVL2MultimodalModel", training: TrainingSummary | No
     Args:
         model: the exported model (LoRA merged).
         training: how it was trained; None for a model saved outside a training run.
-        evaluation: the metrics `train.loop.Trainer.evaluate` returns (`train.loop.Evaluation.metrics`), plus
+        evaluation: the metrics `train.loop.Trainer.evaluate` returns (its `train.loop.Evaluation` metrics), plus
             "split" ("test" or "validation") and "source" (the manifest evaluated), or None.
         calibration: the export's temperature (None: T = 1, not fitted).
         inference: the export's `inference` settings (None: the defaults).
