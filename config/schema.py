@@ -134,9 +134,20 @@ class TrainConfig:
 
 
 @dataclass
+class InferenceConfig:
+    """`inference`: how an export's outputs are read; recorded in every export (config.json "inference")."""
+
+    # a prediction whose top (calibrated) probability is below this is flagged `uncertain`. 0.5: no class
+    # holds a majority, i.e. the answer given is more likely wrong than right when probabilities are
+    # calibrated; with 3 classes the top probability is never below 1/3. 0 flags nothing.
+    uncertain_below: float = 0.5
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
     output_dir: str = "runs/default"
     seed: int = 0

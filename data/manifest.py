@@ -27,7 +27,7 @@ Manifest columns / keys:
       When several are given they must agree.
     `question` (optional): the prompt text; empty means "use the default question".
     `source` (optional): where the image comes from (a collection, a scanner, "synthetic"); metrics
-        are also reported per source (`train.report`).
+        are also reported per source (`models.metrics.per_source_metrics`).
 
 Every problem (unknown label, missing file, path escaping the folder, bad JSON, no label) is
 collected and raised together in one `ManifestError` before any training starts.

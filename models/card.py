@@ -14,13 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from config.schema import Config
+from config.schema import Config, InferenceConfig
+from models.calibration import Calibration
 
 if TYPE_CHECKING:
     from models.internvl2 import InternVL2MultimodalModel
 
 LIBRARY_NAME = "receipt-counter"
 SYNTHETIC = "synthetic"  # the `source` value scripts/make_receipts.py writes
+CALIBRATION_HEADING = "## Calibration"
+LIMITS_HEADING = "## Intended use and limits"
 
 
 @dataclass
@@ -41,20 +44,57 @@ class TrainingSummary:
 
 
 def model_card(model: "InternVL2MultimodalModel", training: TrainingSummary | None = None,
-               evaluation: dict[str, Any] | None = None) -> str:
+               evaluation: dict[str, Any] | None = None, calibration: Calibration | None = None,
+               inference: InferenceConfig | None = None) -> str:
     """The card's text.
 
     Args:
         model: the exported model (LoRA merged).
         training: how it was trained; None for a model saved outside a training run.
-        evaluation: metrics as `train.loop.Trainer.evaluate` returns them, plus "split" ("test" or
-            "validation") and "source" (the manifest evaluated), or None.
+        evaluation: the metrics `train.loop.Trainer.evaluate` returns (its `train.loop.Evaluation` metrics), plus
+            "split" ("test" or "validation") and "source" (the manifest evaluated), or None.
+        calibration: the export's temperature (None: T = 1, not fitted).
+        inference: the export's `inference` settings (None: the defaults).
     """
     name = f"receipt-counter-{model.config.vision.encoder}"
     metadata = _metadata(model, name, evaluation).to_yaml()
     sections = [f"# {name}", _about(model), _usage(), _training(training), _evaluation(evaluation),
+                calibration_section(calibration or Calibration(), inference or InferenceConfig()),
                 _limits(training, evaluation)]
     return f"---\n{metadata}\n---\n\n" + "\n\n".join(s for s in sections if s) + "\n"
+
+
+def calibration_section(calibration: Calibration, inference: InferenceConfig) -> str:
+    """The card's calibration section: the temperature, what it was fitted on, ECE before and after."""
+    c = calibration
+    lines = [CALIBRATION_HEADING, ""]
+    if c.fitted:
+        text = (f"Probabilities are softmax(logits / T) with the temperature **T = {c.temperature:.4f}**, fitted on "
+                f"`{c.fitted_on}` ({c.num_samples:,} images) by minimising the negative log-likelihood; the predicted "
+                "class is the same at any T.")
+        if c.ece_before is not None and c.nll_before is not None:
+            text += (f" There, the expected calibration error (15 bins) went from {c.ece_before:.4f} (T = 1) to "
+                     f"{c.ece_after:.4f} and the NLL from {c.nll_before:.4f} to {c.nll_after:.4f}.")
+        lines.append(text)
+    else:
+        lines.append(f"**Not calibrated**: T = {c.temperature:g} was not fitted (no labelled validation data), so the "
+                     "probabilities are the model's plain softmax. Fit one on your own labelled images with "
+                     "`python scripts/calibrate.py --checkpoint THIS_FOLDER --data MANIFEST`.")
+    lines += ["", f"A prediction whose top probability is below {inference.uncertain_below:g} is flagged `uncertain` "
+                  "(`inference.uncertain_below`; `--uncertain-below P` overrides it in predict.py and evaluate.py)."]
+    return "\n".join(lines)
+
+
+def with_calibration_section(card: str, section: str) -> str:
+    """`card` with its calibration section replaced by `section` (a card without one gets it before the limits)."""
+    start = card.find(f"\n{CALIBRATION_HEADING}\n")
+    if start >= 0:
+        end = card.find("\n## ", start + 1)
+        return card[:start + 1] + section + ("\n" + card[end:] if end >= 0 else "\n")
+    limits = card.find(f"\n{LIMITS_HEADING}\n")
+    if limits >= 0:
+        return card[:limits + 1] + section + "\n\n" + card[limits + 1:]
+    return card.rstrip("\n") + "\n\n" + section + "\n"
 
 
 def base_models(model: "InternVL2MultimodalModel") -> list[str]:
@@ -156,7 +196,7 @@ def _evaluation(evaluation: dict[str, Any] | None) -> str:
 
 
 def _limits(training: TrainingSummary | None, evaluation: dict[str, Any] | None) -> str:
-    lines = ["## Intended use and limits", "",
+    lines = [LIMITS_HEADING, "",
              "Intended for sorting photos and scans of paperwork by receipt count (none, one, several), "
              "for example before receipt extraction. It answers one fixed question and is not a general "
              "vision-language model; it does not read the receipts."]

@@ -2,7 +2,11 @@
 
     counter = ReceiptCounter.from_pretrained("runs/demo/final")     # the exported folder alone
     for p in counter.predict(["a.jpg", "scans/b.png"], batch_size=16):
-        print(p.image, p.label, p.probabilities) if p.ok else print(p.image, p.error)
+        print(p.image, p.label, p.probabilities, p.uncertain) if p.ok else print(p.image, p.error)
+
+Probabilities are calibrated: softmax(logits / T) with the temperature T the export records
+(`models.calibration`; T = 1 for an export without one). A prediction is `uncertain` when its top
+probability is below `uncertain_below` (the export's `inference.uncertain_below` unless overridden).
 
 Inputs may be image paths, PIL images, or already-preprocessed (3, H, W) tensors. A bad input
 (missing, empty, truncated, non-image, decompression bomb, wrong tensor shape) gets its own
@@ -20,19 +24,25 @@ order; at most a few batches are in flight, so memory does not grow with the num
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from data.dataset import load_pixel_values
 from data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImageError, to_rgb
+from data.manifest import ManifestError, Record, load_records
 from data.preprocessing import ImagePreprocessing
 from data.transforms import preprocess
-from models.internvl2 import InternVL2MultimodalModel
-from models.metrics import ECE_BINS, classification_report
+from config.schema import InferenceConfig
+from models.calibration import Calibration, check_uncertain_below, scaled_probabilities, scaling_metrics
+from models.internvl2 import CONFIG_NAME, InternVL2MultimodalModel, export_settings, read_export_config
+from models.metrics import ECE_BINS, classification_report, coverage_report, per_source_metrics
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,7 +56,9 @@ class Prediction:
         image: the input's path as given, or None for an in-memory PIL image / tensor.
         label: the predicted class name (None on error).
         class_index: the predicted class index (None on error).
-        probabilities: class name -> softmax probability, in class order (None on error).
+        probabilities: class name -> calibrated probability softmax(logits / T), in class order (None on error).
+        uncertain: the top probability is below the counter's `uncertain_below` (None on error).
+        logits: the model's raw class scores, in class order (None on error); not part of the row.
         error: why the input could not be classified (None on success).
     """
 
@@ -54,6 +66,8 @@ class Prediction:
     label: str | None = None
     class_index: int | None = None
     probabilities: dict[str, float] | None = None
+    uncertain: bool | None = None
+    logits: tuple[float, ...] | None = None
     error: str | None = None
 
     @property
@@ -61,11 +75,11 @@ class Prediction:
         return self.error is None
 
     def to_row(self) -> dict:
-        """The design's prediction row: image, label, class_index, probabilities -- or image, error."""
+        """The design's prediction row: image, label, class_index, probabilities, uncertain -- or image, error."""
         if self.error is not None:
             return {"image": self.image, "error": self.error}
         return {"image": self.image, "label": self.label, "class_index": self.class_index,
-                "probabilities": self.probabilities}
+                "probabilities": self.probabilities, "uncertain": self.uncertain}
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -103,10 +117,15 @@ class ReceiptCounter:
         model: the trained model; it is put in eval mode, frozen and moved to `device`.
         device: "auto", "cpu", "cuda" or a torch.device.
         max_image_pixels: image files above this many pixels are refused as decompression bombs.
+        calibration: the temperature the logits are divided by (None: T = 1, not fitted).
+        uncertain_below: predictions whose top probability is below this are flagged `uncertain`.
     """
 
     def __init__(self, model: InternVL2MultimodalModel, device: str | torch.device = "cpu",
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, calibration: Calibration | None = None,
+                 uncertain_below: float = InferenceConfig.uncertain_below) -> None:
+        self.calibration = calibration or Calibration()
+        self.uncertain_below = check_uncertain_below(uncertain_below)
         self.device = resolve_device(device)
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.dtype = next(self.model.parameters()).dtype  # images are fed in the weights' dtype (bfloat16 kept)
@@ -116,31 +135,44 @@ class ReceiptCounter:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, device: str | torch.device = "cpu",
-                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, dtype: torch.dtype | str = torch.float32
-                        ) -> "ReceiptCounter":
+                        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, dtype: torch.dtype | str = torch.float32,
+                        uncertain_below: float | None = None) -> "ReceiptCounter":
         """Load an exported model folder (config.json, model.safetensors, tokenizer files) and nothing else.
 
         `dtype` is the weights' dtype in memory (`InternVL2MultimodalModel.from_pretrained`): float32 by default,
-        also for a bfloat16 export; "auto" keeps the dtype the export was stored in.
+        also for a bfloat16 export; "auto" keeps the dtype the export was stored in. The temperature and
+        `uncertain_below` come from config.json (`models.internvl2.export_settings`); a given
+        `uncertain_below` overrides the export's.
 
         Raises:
             FileNotFoundError: a file of the folder is missing (named in the message).
-            ValueError: config.json is not a receipt-counter export, or the weights do not match it.
+            ValueError: config.json is not a receipt-counter export, a field of it is invalid, or the weights do
+                not match it.
         """
-        return cls(InternVL2MultimodalModel.from_pretrained(folder, dtype), device, max_image_pixels)
+        exported = read_export_config(Path(folder))  # read once, for the model and for the settings
+        inference, calibration = export_settings(exported, str(Path(folder) / CONFIG_NAME))
+        threshold = inference.uncertain_below if uncertain_below is None else uncertain_below
+        model = InternVL2MultimodalModel.from_pretrained(folder, dtype, exported)
+        return cls(model, device, max_image_pixels, calibration, threshold)
 
     @classmethod
     def from_model(cls, model: InternVL2MultimodalModel, device: str | torch.device = "cpu",
-                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> "ReceiptCounter":
+                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, calibration: Calibration | None = None,
+                   uncertain_below: float = InferenceConfig.uncertain_below) -> "ReceiptCounter":
         """Wrap an in-memory model (e.g. at the end of training) without a round trip through disk.
 
         The model itself is put in eval mode and frozen (see the class docstring), not a copy of it.
         """
-        return cls(model, device, max_image_pixels)
+        return cls(model, device, max_image_pixels, calibration, uncertain_below)
 
     @property
     def class_names(self) -> list[str]:
         return self.model.class_names
+
+    @property
+    def temperature(self) -> float:
+        """T of softmax(logits / T): the export's fitted temperature, 1 when it has none."""
+        return self.calibration.temperature
 
     @property
     def encoder(self) -> str:
@@ -188,23 +220,24 @@ class ReceiptCounter:
         if not good:
             return results
         pixels = torch.stack([loaded[i].pixels for i in good]).to(self.device, self.dtype)  # (B, 3, H, W)
-        probs = self._probabilities(pixels, None if questions is None else [questions[i] for i in good])
-        for row, i in zip(probs.tolist(), good):
+        logits = self._logits(pixels, None if questions is None else [questions[i] for i in good])
+        probs = scaled_probabilities(logits, self.temperature)
+        for row, scores, i in zip(probs.tolist(), logits.tolist(), good):
             k = max(range(len(row)), key=row.__getitem__)
             results[i] = Prediction(image=loaded[i].name, label=self.class_names[k], class_index=k,
-                                    probabilities=dict(zip(self.class_names, row)))
+                                    probabilities=dict(zip(self.class_names, row)),
+                                    uncertain=row[k] < self.uncertain_below, logits=tuple(scores))
         return results
 
     @torch.inference_mode()
-    def _probabilities(self, pixels: torch.Tensor, questions: list[str | None] | None) -> torch.Tensor:
-        """(B, 3, H, W) -> class probabilities (B, num_classes), float32 on the CPU."""
+    def _logits(self, pixels: torch.Tensor, questions: list[str | None] | None) -> torch.Tensor:
+        """(B, 3, H, W) -> class logits (B, num_classes), float32 on the CPU."""
         if questions is None or all(q is None for q in questions):
             ids = self._default_ids.expand(pixels.shape[0], -1)
             mask = self._default_mask.expand(pixels.shape[0], -1)
         else:
             ids, mask = self.model.tokenize(questions, self.device)
-        logits = self.model(pixels, ids, mask).logits  # (B, num_classes)
-        return logits.float().softmax(-1).cpu()
+        return self.model(pixels, ids, mask).logits.float().cpu()  # (B, num_classes)
 
 
 @dataclass(frozen=True)
@@ -268,21 +301,79 @@ def _name(item: ImageInput) -> str | None:
     return os.fspath(item) if isinstance(item, (str, os.PathLike)) else None
 
 
-def prediction_metrics(counter: "ReceiptCounter", labels: Sequence[int], predictions: Sequence[Prediction]
-                       ) -> dict[str, Any]:
+def load_labelled(checkpoint: str | os.PathLike, data: str | os.PathLike, device: str | torch.device = "cpu",
+                  uncertain_below: float | None = None) -> tuple["ReceiptCounter", list[Record]]:
+    """An exported folder's counter and a labelled manifest's records (`data.manifest.load_records`).
+
+    Raises:
+        LoadError: one line saying which of the two cannot be used and why (the message names the file).
+    """
+    try:
+        counter = ReceiptCounter.from_pretrained(checkpoint, device=device, uncertain_below=uncertain_below)
+    except (FileNotFoundError, ValueError) as exc:
+        raise LoadError(f"cannot load checkpoint: {_one_line(exc)}") from exc
+    try:
+        return counter, load_records(data, counter.class_names)
+    except ManifestError as exc:
+        raise LoadError(f"cannot load manifest {data}: {_one_line(exc)}") from exc
+
+
+class LoadError(ValueError):
+    """A checkpoint or manifest that cannot be used; the message is one line."""
+
+
+def _one_line(exc: Exception) -> str:
+    """The exception's message with its line breaks and indents collapsed (a manifest lists one problem a line)."""
+    return " ".join(str(exc).split())
+
+
+def predict_records(counter: "ReceiptCounter", records: Sequence[Record], batch_size: int) -> list[Prediction]:
+    """One prediction per record, in order, asking each record's question, with a progress bar on stderr."""
+    paths, questions = [r.path for r in records], [r.question for r in records]
+    with tqdm(total=len(records), unit="img", file=sys.stderr, desc="predicting") as bar:
+        predictions = []
+        for p in counter.iter_predict(paths, batch_size=batch_size, questions=questions):
+            predictions.append(p)
+            bar.update(1)
+    return predictions
+
+
+def labelled_logits(records: Sequence[Record], predictions: Sequence[Prediction]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, num_classes) logits and (N,) true labels of the predictions that succeeded."""
+    good = [(r.label, p.logits) for r, p in zip(records, predictions) if p.ok]
+    num_classes = len(good[0][1]) if good else 0
+    logits = torch.tensor([scores for _, scores in good], dtype=torch.float32).reshape(len(good), num_classes)
+    return logits, torch.tensor([label for label, _ in good], dtype=torch.long)
+
+
+def prediction_metrics(counter: "ReceiptCounter", labels: Sequence[int], predictions: Sequence[Prediction],
+                       sources: Sequence[str | None] | None = None) -> dict[str, Any]:
     """The metrics bundle of labelled predictions, as scripts/evaluate.py and scripts/compare_encoders.py write it.
 
     Args:
         labels: the true class index of every prediction, in the same order.
+        sources: the manifest's `source` of every prediction (None: no such column).
 
     Returns:
         The encoder record, "class_names", `models.metrics.classification_report` over the readable
-        images, "num_failed" and "failed" ([{"image", "error"}] of the unreadable ones).
+        images (its "ece" of the calibrated probabilities), "calibration" (the counter's temperature with
+        NLL and ECE here at T = 1 and at T: `models.calibration.scaling_metrics`), "uncertainty"
+        ("uncertain_below" and `models.metrics.coverage_report`), "per_source"
+        (`models.metrics.per_source_metrics`, {} without sources), "num_failed" and "failed"
+        ([{"image", "error"}] of the unreadable ones).
     """
     names = counter.class_names
-    good = [(label, p) for label, p in zip(labels, predictions) if p.ok]
-    probs = torch.tensor([[p.probabilities[n] for n in names] for _, p in good]).reshape(len(good), len(names))
+    sources = [None] * len(predictions) if sources is None else sources
+    good = [(label, p, source) for label, p, source in zip(labels, predictions, sources) if p.ok]
+    targets, preds = [label for label, _, _ in good], [p.class_index for _, p, _ in good]
+    probs = torch.tensor([[p.probabilities[n] for n in names] for _, p, _ in good]).reshape(len(good), len(names))
+    logits = torch.tensor([p.logits for _, p, _ in good]).reshape(len(good), len(names))
+    calibration = {k: getattr(counter.calibration, k) for k in ("temperature", "fitted", "fitted_on")}
     return {**counter.model.config.vision.encoder_record(), "class_names": list(names),
-            **classification_report([label for label, _ in good], probs, names, ECE_BINS),
+            **classification_report(targets, probs, names, ECE_BINS),
+            "calibration": {**calibration, **scaling_metrics(logits, torch.tensor(targets), counter.temperature)},
+            "uncertainty": {"uncertain_below": counter.uncertain_below,
+                            **coverage_report(targets, preds, [p.uncertain for _, p, _ in good])},
+            "per_source": per_source_metrics(targets, preds, [source for _, _, source in good], len(names)),
             "num_failed": len(predictions) - len(good),
             "failed": [{"image": p.image, "error": p.error} for p in predictions if not p.ok]}

@@ -29,9 +29,10 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel, PreTrainedToken
 from transformers.utils import ModelOutput
 
 from config.loader import from_dict, to_dict
-from config.schema import ModelConfig
-from models.card import model_card
-from models.files import replace_dir
+from config.schema import InferenceConfig, ModelConfig
+from models.calibration import CALIBRATION_KEY, Calibration, check_uncertain_below
+from models.card import calibration_section, model_card, with_calibration_section
+from models.files import replace_dir, write_text_atomic
 from data.preprocessing import ImagePreprocessing
 from models.encoders import VisionEncoder, get_encoder_class
 from models.fusion import CrossAttentionFusion, TanhGate
@@ -46,6 +47,7 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"  # the model card; never read back
 FORMAT_NAME = "receipt-counter"
 FORMAT_VERSION = 1
+INFERENCE_KEY = "inference"  # config.json's `InferenceConfig` (exports before it: the defaults)
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # what an export's weights may be stored as
 
 
@@ -196,7 +198,8 @@ class InternVL2MultimodalModel(nn.Module):
         return groups
 
     def save_pretrained(self, save_directory: str | os.PathLike, card: str | None = None,
-                        dtype: torch.dtype = torch.float32) -> Path:
+                        dtype: torch.dtype = torch.float32, inference: InferenceConfig | None = None,
+                        calibration: Calibration | None = None) -> Path:
         """Write a self-describing folder: config.json, model.safetensors, tokenizer files and a model card.
 
         The folder is written beside the target and renamed into place, so a crash never leaves a
@@ -208,15 +211,23 @@ class InternVL2MultimodalModel(nn.Module):
                 which describes the model without training or evaluation records.
             dtype: how floating-point weights are stored (`EXPORT_DTYPES`): bfloat16 halves the folder;
                 config.json records it as "dtype". Integer buffers keep their dtype.
+            inference: recorded as config.json's "inference" (None: the defaults).
+            calibration: recorded as config.json's "calibration" (None: T = 1, not fitted).
         """
         dtype_name = _dtype_name(dtype)
+        inference, calibration = inference or InferenceConfig(), calibration or Calibration()
+        check_uncertain_below(inference.uncertain_below, "inference.uncertain_below")
+        exported = {**self.export_config(), "dtype": dtype_name, INFERENCE_KEY: to_dict(inference),
+                    CALIBRATION_KEY: calibration.to_dict()}
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
-            (tmp / CONFIG_NAME).write_text(json.dumps({**self.export_config(), "dtype": dtype_name}, indent=2))
-            (tmp / CARD_NAME).write_text(card if card is not None else model_card(self), encoding="utf-8")
+            (tmp / CONFIG_NAME).write_text(json.dumps(exported, indent=2))
+            if card is None:
+                card = model_card(self, calibration=calibration, inference=inference)
+            (tmp / CARD_NAME).write_text(card, encoding="utf-8")
             _save_weights(self, tmp / WEIGHTS_NAME, dtype)
             self.tokenizer.save_pretrained(tmp)
             replace_dir(tmp, target)  # one atomic exchange: `target` is never missing
@@ -247,20 +258,22 @@ class InternVL2MultimodalModel(nn.Module):
         return cls(config, vision, language, tokenizer)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | str = torch.float32
-                        ) -> "InternVL2MultimodalModel":
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                        exported: dict[str, Any] | None = None) -> "InternVL2MultimodalModel":
         """Rebuild from a `save_pretrained` folder alone (no other checkpoint, no network).
 
         Args:
             dtype: the dtype of the returned model's floating-point weights: float32 (default; a bfloat16
                 export is widened exactly), bfloat16, or "auto" for the dtype the export was stored in.
+            exported: the folder's config.json when the caller has already read it (`read_export_config`);
+                None reads it.
 
         Raises:
             FileNotFoundError: config.json, model.safetensors or the tokenizer is missing (named).
             ValueError: the folder is not a receipt-counter export or its weights do not match.
         """
         folder = Path(folder)
-        exported = read_export_config(folder)
+        exported = read_export_config(folder) if exported is None else exported
         model = cls.from_export_config(exported, load_tokenizer(str(folder)))
         try:  # load_state_dict copies into the float32 parameters, casting a bfloat16 file exactly
             safetensors.torch.load_model(model, str(folder / WEIGHTS_NAME), strict=True)
@@ -283,6 +296,37 @@ def read_export_config(folder: Path) -> dict[str, Any]:
     if exported.get("format") != FORMAT_NAME:
         raise ValueError(f"{folder / CONFIG_NAME} is not a receipt-counter export (format={exported.get('format')!r})")
     return exported
+
+
+def export_settings(exported: dict[str, Any], where: str) -> tuple[InferenceConfig, Calibration]:
+    """How an export's outputs are read: the "inference" settings and "calibration" of its config.json
+    (`exported`, read from the file `where`); the defaults where a field is absent (older exports).
+
+    Raises:
+        ValueError: an invalid field, named with the file.
+    """
+    try:
+        inference = from_dict(InferenceConfig, exported.get(INFERENCE_KEY, {}), prefix=INFERENCE_KEY)
+        check_uncertain_below(inference.uncertain_below, f"{INFERENCE_KEY}.uncertain_below")
+    except ValueError as e:  # ConfigError too
+        raise ValueError(f"{where}: {e}") from None
+    return inference, Calibration.from_export(exported, where)
+
+
+def write_calibration(folder: str | os.PathLike, calibration: Calibration) -> None:
+    """Record `calibration` in an existing export: config.json's "calibration", then the card's section.
+
+    Each file is written beside itself and renamed into place (`models.files.write_text_atomic`), so a
+    crash leaves the old file or the new one, never a half-written one.
+    """
+    folder = Path(folder)
+    exported = read_export_config(folder)
+    inference, _ = export_settings(exported, str(folder / CONFIG_NAME))
+    write_text_atomic(folder / CONFIG_NAME, json.dumps({**exported, CALIBRATION_KEY: calibration.to_dict()}, indent=2))
+    card = folder / CARD_NAME
+    if card.is_file():
+        section = calibration_section(calibration, inference)
+        write_text_atomic(card, with_calibration_section(card.read_text(encoding="utf-8"), section))
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -1,5 +1,5 @@
 """Classification metrics on plain integer labels: accuracy, per-class P/R/F1, macro-F1, confusion
-matrix and expected calibration error.
+matrix, expected calibration error, metrics per data source, and accuracy on the confident part.
 
 Every function takes tensors or lists of ints (`targets` first, as in scikit-learn) and is correct
 when a class never occurs, so the training loop can call them on any validation set.
@@ -13,6 +13,7 @@ Conventions (scikit-learn's, so numbers can be cross-checked):
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -130,3 +131,44 @@ def classification_report(targets: Labels, probabilities: torch.Tensor, class_na
             "per_class": per_class,
             "confusion_matrix": {"rows": "true", "columns": "predicted", "class_names": list(class_names),
                                  "counts": cm.tolist()}}
+
+
+def per_source_metrics(targets: Labels, predictions: Labels, sources: Sequence[str | None], num_classes: int
+                       ) -> dict[str, dict[str, float]]:
+    """source -> {"images", "accuracy", "macro_f1"} over the samples that carry a source (None: left out).
+
+    Args:
+        targets, predictions: (N,) class indices.
+        sources: (N,) the manifest's `source` value of every sample, None where it has none.
+
+    Returns:
+        One entry per distinct source, sorted by name; {} when no sample has a source.
+    """
+    t, p = _as_long(targets), _as_long(predictions)
+    _check_pair(t, p)
+    if len(sources) != t.numel():
+        raise ValueError(f"{len(sources)} sources for {t.numel()} targets")
+    rows: dict[str, list[int]] = defaultdict(list)
+    for i, source in enumerate(sources):
+        if source is not None:
+            rows[source].append(i)
+    return {source: {"images": len(idx), "accuracy": accuracy(t[idx], p[idx]),
+                     "macro_f1": macro_f1(t[idx], p[idx], num_classes)}
+            for source, idx in sorted(rows.items())}
+
+
+def coverage_report(targets: Labels, predictions: Labels, uncertain: Sequence[bool]) -> dict[str, float | int]:
+    """How many samples were flagged uncertain, and the accuracy on the others (the ones a user would trust).
+
+    Returns:
+        {"num_uncertain", "coverage": share of samples not flagged, "confident_accuracy": accuracy on
+        them (0.0 when every sample is flagged)}.
+    """
+    t, p = _as_long(targets), _as_long(predictions)
+    _check_pair(t, p)
+    flagged = torch.as_tensor(list(uncertain), dtype=torch.bool).reshape(-1)
+    if flagged.numel() != t.numel():
+        raise ValueError(f"{flagged.numel()} uncertain flags for {t.numel()} targets")
+    kept = ~flagged
+    return {"num_uncertain": int(flagged.sum()), "coverage": kept.double().mean().item() if t.numel() else 0.0,
+            "confident_accuracy": accuracy(t[kept], p[kept])}

@@ -1,14 +1,18 @@
 """Evaluate an exported model folder on a labelled manifest.
 
     python scripts/evaluate.py --checkpoint runs/demo/final --data datasets/receipts/test/metadata.csv
-                               [--out outputs/evaluate] [--batch-size 16] [--device auto]
+                               [--out outputs/evaluate] [--batch-size 16] [--device auto] [--uncertain-below P]
 
 --data is anything `data.manifest.load_records` reads (a .csv/.jsonl manifest, a folder holding
 metadata.csv/.jsonl, or class folders). Writes into --out:
     metrics.json          accuracy, macro-F1, per-class precision/recall/F1/support, the confusion
                           matrix (rows true, columns predicted), expected calibration error (top-1
-                          confidence, 15 equal-width bins, see `models.metrics`), the encoder actually
-                          used (from the checkpoint's resolved config), and the images that failed;
+                          confidence, 15 equal-width bins, see `models.metrics`) of the calibrated
+                          probabilities, "calibration" (the export's temperature T with ECE and NLL
+                          here at T = 1 and at T), "uncertainty" (the threshold, how many predictions
+                          were uncertain, coverage and the accuracy on the others), "per_source" (when
+                          the manifest has a `source` column), the encoder actually used (from the
+                          checkpoint's resolved config), and the images that failed;
     confusion_matrix.png  the matrix as a picture: counts and row shares, colour scale, accuracy;
     misclassified.csv     image, true, predicted, then prob_<class> for every class.
 Every file is written beside its target and renamed into place, so a crash leaves no half-written one.
@@ -28,33 +32,36 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from data.manifest import ManifestError, Record, load_records  # noqa: E402
+from data.manifest import Record  # noqa: E402
+from models.calibration import parse_probability  # noqa: E402
 from models.files import atomic_path, write_text_atomic  # noqa: E402
-from models.inference import DEVICES, Prediction, ReceiptCounter, prediction_metrics  # noqa: E402
+from models.inference import (DEVICES, LoadError, Prediction, load_labelled, predict_records,  # noqa: E402
+                              prediction_metrics)
+from models.measure import markdown_table  # noqa: E402
 
 # Confusion-matrix picture layout, in pixels.
 CELL, LEFT, TOP, BOTTOM, BAR_AREA = 110, 150, 110, 70, 130
 BLUES = ((247, 251, 255), (107, 174, 214), (8, 48, 107))  # colour scale: share 0 -> 0.5 -> 1
 
 
-def evaluate(counter: ReceiptCounter, records: list[Record], batch_size: int) -> list[Prediction]:
-    """One prediction per record, in order, asking each record's question (None: the default one)."""
-    paths = [r.path for r in records]
-    questions = [r.question for r in records]
-    with tqdm(total=len(records), unit="img", file=sys.stderr, desc="evaluating") as bar:
-        predictions = []
-        for p in counter.iter_predict(paths, batch_size=batch_size, questions=questions):
-            predictions.append(p)
-            bar.update(1)
-    return predictions
-
-
-def build_metrics(counter: ReceiptCounter, records: list[Record], predictions: list[Prediction]) -> dict:
-    """The metrics.json content: the report over readable images plus provenance and failures."""
-    return prediction_metrics(counter, [r.label for r in records], predictions)
+def summary_lines(metrics: dict) -> list[str]:
+    """What the script prints: the headline metrics, calibration before/after, uncertainty, the per-source table."""
+    cal, unc = metrics["calibration"], metrics["uncertainty"]
+    fitted = f"fitted on {cal['fitted_on']}" if cal["fitted"] else "not fitted"
+    lines = [f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  "
+             f"({metrics['num_samples']} images, {metrics['num_failed']} failed)",
+             f"ECE {cal['ece_before']:.4f} before temperature scaling (T = 1), {cal['ece_after']:.4f} after "
+             f"(T = {cal['temperature']:.4f}, {fitted}); NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}",
+             f"uncertain (top probability < {unc['uncertain_below']:g}): {unc['num_uncertain']} of "
+             f"{metrics['num_samples']}; accuracy on the other {metrics['num_samples'] - unc['num_uncertain']} "
+             f"(coverage {unc['coverage']:.1%}): {unc['confident_accuracy']:.4f}"]
+    if metrics["per_source"]:
+        rows = [(source, m["images"], f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}")
+                for source, m in metrics["per_source"].items()]
+        lines += ["", "per source:", markdown_table(("source", "images", "accuracy", "macro-F1"), rows)]
+    return lines
 
 
 def write_misclassified(path: Path, class_names: list[str], records: list[Record],
@@ -148,6 +155,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("outputs/evaluate"), help="default: outputs/evaluate")
     parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when available")
+    parser.add_argument("--uncertain-below", type=parse_probability, metavar="P",
+                        help="flag predictions whose top probability is below P (default: the export's "
+                             "inference.uncertain_below)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -159,15 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        counter = ReceiptCounter.from_pretrained(args.checkpoint, device=args.device)
-        records = load_records(args.data, counter.class_names)
-    except (FileNotFoundError, ValueError) as exc:  # ManifestError is a ValueError
-        kind = "manifest" if isinstance(exc, ManifestError) else "checkpoint"
-        print(f"error: cannot load {kind}: {exc}", file=sys.stderr)
+        counter, records = load_labelled(args.checkpoint, args.data, args.device, args.uncertain_below)
+    except LoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    predictions = evaluate(counter, records, args.batch_size)
+    predictions = predict_records(counter, records, args.batch_size)
     metrics = {"checkpoint": str(args.checkpoint), "data": str(args.data),
-               **build_metrics(counter, records, predictions)}
+               **prediction_metrics(counter, [r.label for r in records], predictions,
+                                    [r.data_source for r in records])}
     if metrics["num_failed"] == len(records):
         print(f"error: none of the {len(records)} images could be read", file=sys.stderr)
         return 2
@@ -180,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     title = f"Confusion matrix, accuracy {metrics['accuracy']:.1%} (n={metrics['num_samples']}, {counter.encoder})"
     with atomic_path(args.out / "confusion_matrix.png") as tmp:
         draw_confusion_matrix(metrics["confusion_matrix"]["counts"], counter.class_names, title).save(tmp, "PNG")
-    print(f"accuracy {metrics['accuracy']:.4f}  macro-F1 {metrics['macro_f1']:.4f}  ECE {metrics['ece']:.4f}  "
-          f"({metrics['num_samples']} images, {metrics['num_failed']} failed) -> {args.out}")
+    print("\n".join(summary_lines(metrics)))
+    print(f"-> {args.out}")
     return 0
 
 

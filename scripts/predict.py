@@ -1,14 +1,17 @@
 """Classify images by receipt count with an exported model folder.
 
     python scripts/predict.py --checkpoint runs/demo/final [--batch-size 16] [--output preds.jsonl|.csv]
-                              [--device auto] [--workers 2] [--dtype float32|bfloat16|auto] PATH ...
+                              [--device auto] [--workers 2] [--dtype float32|bfloat16|auto]
+                              [--uncertain-below P] PATH ...
 
 PATH may be an image file, a folder (searched recursively for image files, in sorted order) or a
 glob ("scans/**/*.jpg"). Exactly one row is written per image, in input order:
-    {"image": PATH, "label": NAME, "class_index": K, "probabilities": {NAME: P, ...}}
+    {"image": PATH, "label": NAME, "class_index": K, "probabilities": {NAME: P, ...}, "uncertain": BOOL}
 or, for an input that could not be classified (missing, empty, corrupt, not an image, too large, a
 folder without images, a glob matching nothing):
     {"image": PATH, "error": "why"}
+Probabilities are calibrated with the export's temperature; "uncertain" is true when the top one is
+below --uncertain-below (default: the export's inference.uncertain_below).
 Rows go to --output (.jsonl, or .csv with one prob_<class> column per class) or, without it, to
 stdout as JSONL, each written (and flushed) as soon as its batch is classified. Images are decoded in
 --workers DataLoader processes while the model runs, a few batches ahead, so memory stays flat however
@@ -34,6 +37,7 @@ from tqdm import tqdm  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from data.manifest import IMAGE_EXTENSIONS  # noqa: E402
+from models.calibration import parse_probability  # noqa: E402
 from models.inference import DEVICES, Prediction, ReceiptCounter, cpu_threads_beside  # noqa: E402
 
 GLOB_CHARS = set("*?[")
@@ -87,7 +91,7 @@ class RowWriter:
     def __init__(self, stream: IO[str], fmt: str, class_names: list[str]) -> None:
         self.stream, self.fmt, self.class_names = stream, fmt, class_names
         if fmt == ".csv":
-            fields = ["image", "label", "class_index", *[f"prob_{n}" for n in class_names], "error"]
+            fields = ["image", "label", "class_index", *[f"prob_{n}" for n in class_names], "uncertain", "error"]
             self.csv = csv.DictWriter(stream, fieldnames=fields)
             self.csv.writeheader()
 
@@ -96,7 +100,7 @@ class RowWriter:
             self.stream.write(json.dumps(prediction.to_row()) + "\n")
         else:
             row = {"image": prediction.image, "label": prediction.label, "class_index": prediction.class_index,
-                   "error": prediction.error}
+                   "uncertain": prediction.uncertain, "error": prediction.error}
             row.update({f"prob_{n}": p for n, p in (prediction.probabilities or {}).items()})
             self.csv.writerow(row)
         self.stream.flush()  # a long run's rows are usable as they come
@@ -113,6 +117,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="decoding processes running ahead of the model (default 2; 0: decode in between batches)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
                         help="weights in memory (default float32, also for a bfloat16 export; auto: as exported)")
+    parser.add_argument("--uncertain-below", type=parse_probability, metavar="P",
+                        help="flag rows whose top probability is below P (default: the export's "
+                             "inference.uncertain_below)")
     args = parser.parse_args(argv)
     if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
         parser.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {args.output}")
@@ -129,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     try:
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-        counter = ReceiptCounter.from_pretrained(args.checkpoint, device=args.device, dtype=dtype)
+        counter = ReceiptCounter.from_pretrained(args.checkpoint, device=args.device, dtype=dtype,
+                                                 uncertain_below=args.uncertain_below)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: cannot load checkpoint: {exc}", file=sys.stderr)
         return 2

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from models.calibration import Calibration
 from models.inference import ReceiptCounter
+from models.internvl2 import write_calibration
 from models.metrics import (accuracy, classification_report, confusion_matrix, expected_calibration_error,
                             macro_f1, per_class_scores)
 from tests.test_inference import draw_image, export_tiny_model
@@ -140,3 +143,66 @@ def test_evaluate_errors_name_the_problem(export, tmp_path, capsys):
     assert "cannot load manifest" in capsys.readouterr().err
     assert evaluate.main(["--checkpoint", str(tmp_path), "--data", str(tmp_path / "none.csv")]) == 2
     assert "config.json is missing" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def sourced(tmp_path_factory) -> Path:
+    """A manifest with a `source` column: 4 scans, 3 photos, 1 row without a source, and a broken scan."""
+    root = tmp_path_factory.mktemp("sourced")
+    rows = []
+    for i, source in enumerate(["scans"] * 4 + ["photos"] * 3 + [""]):
+        draw_image(260 + 30 * i, 380 - 25 * i, seed=60 + i).save(root / f"im{i}.png")
+        rows.append((f"im{i}.png", ["0", "1", "2+"][i % 3], source))
+    (root / "broken.png").write_bytes(b"not a PNG")
+    rows.append(("broken.png", "0", "scans"))
+    with (root / "metadata.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([("file_name", "label", "source"), *rows])
+    return root / "metadata.csv"
+
+
+def test_evaluate_reports_per_source_calibration_and_coverage(export, sourced, tmp_path, capsys):
+    folder = tmp_path / "export"
+    shutil.copytree(export, folder)
+    write_calibration(folder, Calibration(temperature=2.0, fitted=True, fitted_on="val.csv", num_samples=9))
+    out = tmp_path / "eval"
+    assert evaluate.main(["--checkpoint", str(folder), "--data", str(sourced), "--out", str(out),
+                          "--uncertain-below", "0.4"]) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the same images through the API, uncalibrated: the script's figures, computed by hand
+    predictions = ReceiptCounter.from_pretrained(export).predict([sourced.parent / f"im{i}.png" for i in range(8)])
+    labels = torch.tensor([i % 3 for i in range(8)])
+    logits = torch.tensor([p.logits for p in predictions])
+    preds = logits.argmax(1)
+    correct = (preds == labels).tolist()
+    assert metrics["per_source"] == {
+        "photos": {"images": 3, "accuracy": pytest.approx(sum(correct[4:7]) / 3),
+                   "macro_f1": pytest.approx(macro_f1(labels[4:7], preds[4:7], 3))},
+        "scans": {"images": 4, "accuracy": pytest.approx(sum(correct[:4]) / 4),
+                  "macro_f1": pytest.approx(macro_f1(labels[:4], preds[:4], 3))}}  # the broken scan left out
+    assert "| scans | 4 |" in printed and "| photos | 3 |" in printed
+    calibration = metrics["calibration"]
+    assert calibration["temperature"] == 2.0 and calibration["fitted"] and calibration["fitted_on"] == "val.csv"
+    assert calibration["ece_before"] == pytest.approx(expected_calibration_error(logits.softmax(-1), labels))
+    assert calibration["ece_after"] == pytest.approx(expected_calibration_error((logits / 2).softmax(-1), labels))
+    assert metrics["ece"] == pytest.approx(calibration["ece_after"])  # the probabilities predictions carry
+    assert f"ECE {calibration['ece_before']:.4f} before temperature scaling (T = 1)" in printed
+    top = (logits / 2).softmax(-1).max(1).values
+    flagged = top < 0.4
+    assert metrics["uncertainty"] == {
+        "uncertain_below": 0.4, "num_uncertain": int(flagged.sum()),
+        "coverage": pytest.approx(1 - flagged.double().mean().item()),
+        "confident_accuracy": pytest.approx(accuracy(labels[~flagged], preds[~flagged]))}
+    assert f"uncertain (top probability < 0.4): {int(flagged.sum())} of 8" in printed
+
+
+def test_evaluate_without_a_source_column_has_no_per_source_table(export, dataset, tmp_path, capsys):
+    assert evaluate.main(["--checkpoint", str(export), "--data", str(dataset), "--out", str(tmp_path)]) == 0
+    assert "per source" not in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["per_source"] == {} and metrics["uncertainty"]["uncertain_below"] == 0.5
+    assert metrics["calibration"]["fitted"] is False and metrics["calibration"]["temperature"] == 1.0
+    assert metrics["calibration"]["ece_before"] == metrics["calibration"]["ece_after"] == pytest.approx(metrics["ece"])
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(export), "--data", str(dataset), "--uncertain-below", "2"])
+    assert "--uncertain-below: expected a probability in [0, 1], got '2'" in capsys.readouterr().err

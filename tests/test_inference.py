@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import safetensors.torch
 import torch
 from PIL import Image
 
+import models.inference as inference
 import models.internvl2 as internvl2
 import models.language as language
 from data.dataset import load_pixel_values
@@ -18,8 +20,8 @@ from models.inference import ReceiptCounter, cpu_threads_beside, resolve_device
 from tests.conftest import make_config
 
 
-def export_tiny_model(tiny: dict[str, Path], out: Path) -> Path:
-    """A tiny swin receipt counter with its fusion gates opened, saved with `save_pretrained`.
+def export_tiny_model(tiny: dict[str, Path], out: Path, **save: Any) -> Path:
+    """A tiny swin receipt counter with its fusion gates opened, saved with `save_pretrained(out, **save)`.
 
     Zero-init gates would hide the image from the head, making every image look alike; opened gates
     let the tests see that answers really depend on the pixels.
@@ -29,7 +31,7 @@ def export_tiny_model(tiny: dict[str, Path], out: Path) -> Path:
         for block in model.fusion.blocks:
             block.attn_gate.alpha.fill_(1.0)
             block.mlp_gate.alpha.fill_(1.0)
-    return model.save_pretrained(out)
+    return model.save_pretrained(out, **save)
 
 
 def draw_image(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -78,7 +80,8 @@ def test_prediction_fields(counter, files):
     assert abs(sum(p.probabilities.values()) - 1.0) < 1e-5
     assert p.class_index == int(probs(p).argmax()) and p.label == counter.class_names[p.class_index]
     assert p.to_row() == {"image": str(files[0]), "label": p.label, "class_index": p.class_index,
-                          "probabilities": p.probabilities}
+                          "probabilities": p.probabilities, "uncertain": p.uncertain}
+    assert p.uncertain == (max(p.probabilities.values()) < counter.uncertain_below) and len(p.logits) == 3
 
 
 def test_paths_pil_images_and_tensors_give_the_same_answer(counter, files):
@@ -154,6 +157,7 @@ def test_loading_reads_each_file_once_and_never_again(export, files, monkeypatch
         monkeypatch.setattr(module, name, wrapper)
 
     counting(internvl2, "read_export_config")
+    counting(inference, "read_export_config")  # the settings (temperature, threshold) come from the same read
     counting(internvl2, "load_tokenizer")
     counting(safetensors.torch, "load_model")
     loaded = ReceiptCounter.from_pretrained(export)

@@ -77,7 +77,7 @@ def test_jsonl_on_stdout_one_row_per_input_and_exit_1_on_any_failure(export, tre
     assert errors[:2] == ["empty file", "not an image (unrecognised or corrupt header)"]
     assert errors[3:6] == ["file not found", "not an image (unrecognised or corrupt header)", "glob matched no files"]
     for r in (rows[2], rows[6], rows[7]):
-        assert set(r) == {"image", "label", "class_index", "probabilities"}
+        assert set(r) == {"image", "label", "class_index", "probabilities", "uncertain"}
         assert r["label"] == ["0", "1", "2+"][r["class_index"]] and list(r["probabilities"]) == ["0", "1", "2+"]
     assert set(rows[0]) == {"image", "error"}
     assert "3 of 8 image(s) classified, 5 failed" in err and "classifying" in err  # progress on stderr
@@ -92,11 +92,12 @@ def test_jsonl_and_csv_files_hold_the_same_answers_and_exit_0(export, tree, tmp_
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     with (tmp_path / "p.csv").open(newline="") as handle:
         table = list(csv.DictReader(handle))
-    assert list(table[0]) == ["image", "label", "class_index", "prob_0", "prob_1", "prob_2+", "error"]
+    assert list(table[0]) == ["image", "label", "class_index", "prob_0", "prob_1", "prob_2+", "uncertain", "error"]
     assert [r["image"] for r in rows] == [t["image"] for t in table] == [
         str(tree / "scans" / "b.png"), str(tree / "scans" / "deep" / "c.jpg"), str(tree / "a.jpg")]
     for r, t in zip(rows, table):
         assert t["label"] == r["label"] and int(t["class_index"]) == r["class_index"] and t["error"] == ""
+        assert t["uncertain"] == str(r["uncertain"])
         for name, p in r["probabilities"].items():
             assert abs(float(t[f"prob_{name}"]) - p) < 1e-5  # batch 16 (JSONL) vs batch 1 (CSV)
 
@@ -147,3 +148,20 @@ def test_a_bfloat16_export_predicts_kept_in_bfloat16(export, tree, tmp_path, cap
     assert code == 0
     # bfloat16 weights and arithmetic: the tolerance of tests/test_inference.py
     assert all(abs(rows[0]["probabilities"][k] - p) < 0.02 for k, p in want[0]["probabilities"].items())
+
+
+def test_uncertain_below_on_the_command_line_overrides_the_export(export, tree, capsys):
+    inputs = [str(tree / "a.jpg"), str(tree / "scans")]
+    _, rows, _ = run_main(["--checkpoint", str(export), *inputs], capsys)
+    tops = [max(r["probabilities"].values()) for r in rows]
+    assert [r["uncertain"] for r in rows] == [t < 0.5 for t in tops]  # the export's inference.uncertain_below
+    cut = sorted(tops)[1]  # the flag flips here: the lowest row is below it, a row at it is not
+    _, rows, _ = run_main(["--checkpoint", str(export), "--uncertain-below", repr(cut), *inputs], capsys)
+    assert [r["uncertain"] for r in rows] == [t < cut for t in tops] and sum(r["uncertain"] for r in rows) == 1
+    for threshold, flagged in (("0", 0), ("1", 3)):
+        _, rows, _ = run_main(["--checkpoint", str(export), "--uncertain-below", threshold, *inputs], capsys)
+        assert sum(r["uncertain"] for r in rows) == flagged
+    with pytest.raises(SystemExit) as exc:
+        predict.main(["--checkpoint", str(export), "--uncertain-below", "1.5", *inputs])
+    assert exc.value.code == 2
+    assert "argument --uncertain-below: expected a probability in [0, 1], got '1.5'" in capsys.readouterr().err

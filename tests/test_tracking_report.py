@@ -17,11 +17,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from models import files
 from models.build import build_model
+from config import load_config
+from data.manifest import load_records
+from models.calibration import Calibration, fit_calibration
 from models.files import atomic_path, replace_dir, write_json
+from models.inference import ReceiptCounter, labelled_logits
+from models.metrics import per_source_metrics
 from models.internvl2 import InternVL2MultimodalModel
 from train.checkpoints import list_checkpoints
 from train.plots import COLOURS, nice_ticks
-from train.report import confident_mistakes, per_source_metrics, stage_boundaries, write_report
+from train.report import confident_mistakes, stage_boundaries, write_report
 from train.run import main
 from train.tracking import flat_hyperparameters
 from tests.conftest import make_config, run_args
@@ -190,7 +195,8 @@ def test_confident_mistakes_and_per_source_metrics():
             {"image": "d", "label": 2, "probabilities": [0.1, 0.1, 0.8], "source": None}]
     mistakes = confident_mistakes(rows, ["0", "1", "2+"])
     assert [(m["image"], m["predicted"]) for m in mistakes] == [("c", 0), ("a", 1)]
-    metrics = per_source_metrics(rows, 3)
+    preds = [max(range(3), key=r["probabilities"].__getitem__) for r in rows]
+    metrics = per_source_metrics([r["label"] for r in rows], preds, [r["source"] for r in rows], 3)
     assert metrics["scans"]["images"] == 2 and metrics["scans"]["accuracy"] == 0.5
     assert metrics["photos"]["accuracy"] == 0.0 and set(metrics) == {"scans", "photos"}
 
@@ -216,6 +222,23 @@ def test_exported_cards_hold_the_encoder_and_the_metrics(tracked_run):
     assert "**Trained on generated data only**" in card.text and "| lora | " in card.text
     best = ModelCard.load(tracked_run / "best" / "README.md")
     assert {r.dataset_split for r in best.data.eval_results} == {"validation"}
+
+
+@pytest.mark.parametrize("name", ["best", "final"])
+def test_exports_carry_a_temperature_fitted_on_the_validation_split(tracked_run, name):
+    config = load_config(tracked_run / "config.yaml")
+    folder = tracked_run / name
+    recorded = json.loads((folder / "config.json").read_text())
+    assert recorded["inference"] == {"uncertain_below": config.inference.uncertain_below}
+    calibration = Calibration(**recorded["calibration"])
+    assert calibration.fitted and calibration.fitted_on == config.data.val and calibration.num_samples == 6
+    assert calibration.nll_after <= calibration.nll_before
+    assert f"**T = {calibration.temperature:.4f}**" in (folder / "README.md").read_text()
+    # the same fit on the exported model's own predictions for the validation images
+    counter = ReceiptCounter.from_pretrained(folder)
+    records = load_records(config.data.val, counter.class_names)
+    logits, labels = labelled_logits(records, counter.predict([r.path for r in records]))
+    assert counter.temperature == pytest.approx(fit_calibration(logits, labels, "again").temperature, rel=1e-3)
 
 
 def test_from_pretrained_never_reads_the_card(tracked_run, tmp_path):

@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from config.schema import StageConfig
+from models.calibration import Calibration
 from models.build import build_model
 from models.internvl2 import InternVL2MultimodalModel
 from train.checkpoints import list_checkpoints
@@ -102,6 +103,18 @@ def test_early_stopping_ends_a_stage(tiny_checkpoints, receipts, tmp_path):
     assert main(run_args(tiny_checkpoints, receipts, out, stage, "train.early_stopping_patience=1")) == 0
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2  # epoch 1 sets the best, epoch 2 does not improve -> stop
+
+
+def test_without_a_validation_split_the_export_says_its_temperature_was_not_fitted(tiny_checkpoints, receipts,
+                                                                                 tmp_path, caplog):
+    out = tmp_path / "run"
+    stage = "train.stages=[{name: a, epochs: 1, max_steps: 1, lr: 0.0, trainable: [head]}]"
+    assert main(run_args(tiny_checkpoints, receipts, out, stage, "data.val=null", "data.test=null")) == 0
+    assert not (out / "best").exists()  # nothing to pick a best model by
+    assert json.loads((out / "final" / "config.json").read_text())["calibration"] == Calibration().to_dict()
+    assert "**Not calibrated**" in (out / "final" / "README.md").read_text()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("export 'final': NO TEMPERATURE FITTED (the run has no validation split" in w for w in warnings)
 
 
 def test_stage_groups_are_checked(tiny_checkpoints):

@@ -17,6 +17,9 @@ What a run writes besides checkpoints and exports:
 The same rows go to the trackers of `train.report_to` (`train.tracking`). Losses and skipped counts
 are running sums over all processes kept in `TrainingProgress`, so a resumed run logs the rows an
 uninterrupted one would have.
+
+Every export (RUN/best/, RUN/final/) carries a temperature fitted on the validation split's logits
+(`models.calibration`), or T = 1 recorded as not fitted, with a warning, when the run has no validation split.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from transformers import get_scheduler
 from config.loader import save_config
 from config.schema import Config, StageConfig
 from data import make_dataloader
+from models.calibration import Calibration, fit_calibration
 from models.card import TrainingSummary, model_card
 from models.internvl2 import EXPORT_DTYPES, InternVL2MultimodalModel
 from models.measure import peak_memory_kind, peak_memory_since_reset_mib, reset_peak_memory, synchronize
@@ -60,6 +64,15 @@ from train.trainability import (TrainableParam, apply_stage, check_gradients, lo
 logger = logging.getLogger(__name__)
 
 SCHEDULES = {"cosine": "cosine", "constant": "constant_with_warmup", "linear": "linear"}
+
+
+@dataclass
+class Evaluation:
+    """One pass over a split: its metrics (`Trainer.evaluate`) and the gathered logits and labels."""
+
+    metrics: dict[str, Any]
+    logits: torch.Tensor  # (N, num_classes) float32, CPU
+    labels: torch.Tensor  # (N,) int64, CPU
 
 
 @dataclass
@@ -423,16 +436,17 @@ class Trainer:
         if run.val_loader is None:
             return metrics
         val = self.evaluate(run.model, run.val_loader)
-        metrics.update({f"val_{k}": v for k, v in val.items()})
+        metrics.update({f"val_{k}": v for k, v in val.metrics.items()})
         self._track_best(val, run.config)
         p.history.append({k: metrics[k] for k in ("stage", "epoch", "global_step", "val_macro_f1", "val_accuracy")})
         return metrics
 
-    def _track_best(self, val: dict[str, Any], stage: StageConfig) -> None:
-        p, score = self.progress, val["macro_f1"]
+    def _track_best(self, val: Evaluation, stage: StageConfig) -> None:
+        p, score = self.progress, val.metrics["macro_f1"]
         if p.best_metric is None or score > p.best_metric:
             p.best_metric, p.best_step, p.bad_epochs = score, p.global_step, 0
-            self.export("best", {"split": "validation", "source": self.config.data.val, **val})
+            self.export("best", {"split": "validation", "source": self.config.data.val, **val.metrics},
+                        self._calibration("best", val))
             return
         p.bad_epochs += 1
         patience = self.config.train.early_stopping_patience
@@ -448,46 +462,64 @@ class Trainer:
                                num_workers=self.config.data.num_workers)
 
     @torch.no_grad()
-    def evaluate(self, model: torch.nn.Module, loader: Any, rows: list[dict] | None = None) -> dict[str, Any]:
+    def evaluate(self, model: torch.nn.Module, loader: Any, rows: list[dict] | None = None) -> Evaluation:
         """Loss, accuracy, macro-F1, per-class F1 and the confusion matrix (rows true, columns predicted)
-        over a (sharded) loader, gathered once per sample.
+        over a (sharded) loader, with the logits and labels, gathered once per sample.
 
         Args:
             rows: when given, one {"image", "label", "probabilities"} dict per sample is appended to it.
         """
         acc = self.accelerator
         model.eval()
-        losses, probs, labels = [], [], []
+        losses, logits, labels = [], [], []
         for batch in loader:
             if batch["labels"].shape[0] == 0:
                 continue
             ids, mask = self.model.tokenize(batch["questions"], acc.device)
-            logits = model(batch["pixel_values"], ids, mask).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
-            g_loss, g_prob, g_label = acc.gather_for_metrics((loss, logits.softmax(-1), batch["labels"]))
+            scores = model(batch["pixel_values"], ids, mask).logits.float()
+            loss = torch.nn.functional.cross_entropy(scores, batch["labels"], reduction="none")
+            g_loss, g_logits, g_label = acc.gather_for_metrics((loss, scores, batch["labels"]))
             losses.append(g_loss.cpu())
-            probs.append(g_prob.cpu())
+            logits.append(g_logits.cpu())
             labels.append(g_label.cpu())
             if rows is not None:
                 paths = acc.gather_for_metrics(batch["paths"], use_gather_object=True)
                 rows.extend({"image": path, "label": int(label), "probabilities": prob}
-                            for path, label, prob in zip(paths, g_label.tolist(), g_prob.tolist()))
+                            for path, label, prob in zip(paths, g_label.tolist(), g_logits.softmax(-1).tolist()))
         model.train()
         if not labels:
             raise RuntimeError("evaluation saw no usable image")
-        names = self.model.class_names
-        report = classification_report(torch.cat(labels), torch.cat(probs), names)
-        return {"samples": report["num_samples"], "loss": torch.cat(losses).mean().item(),
-                "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
-                "per_class_f1": {name: report["per_class"][name]["f1"] for name in names},
-                "confusion_matrix": report["confusion_matrix"]["counts"]}
+        names, all_logits, all_labels = self.model.class_names, torch.cat(logits), torch.cat(labels)
+        report = classification_report(all_labels, all_logits.softmax(-1), names)
+        metrics = {"samples": report["num_samples"], "loss": torch.cat(losses).mean().item(),
+                   "accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+                   "per_class_f1": {name: report["per_class"][name]["f1"] for name in names},
+                   "confusion_matrix": report["confusion_matrix"]["counts"]}
+        return Evaluation(metrics, all_logits, all_labels)
+
+    def _calibration(self, name: str, val: Evaluation | None) -> Calibration:
+        """The temperature export `name` records: fitted on the validation logits, or T = 1 (loudly) without them.
+
+        Every process fits the same T from the same gathered logits (the fit is deterministic)."""
+        if val is None:
+            logger.warning("export %r: NO TEMPERATURE FITTED (the run has no validation split, data.val): "
+                           "probabilities are the uncalibrated softmax (T = 1, recorded as not fitted); fit one "
+                           "with scripts/calibrate.py --checkpoint %s --data MANIFEST", name, self.run_dir / name)
+            return Calibration()
+        calibration = fit_calibration(val.logits, val.labels, fitted_on=str(self.config.data.val))
+        logger.info("export %r: temperature %.4f fitted on %d validation images: ECE %.4f -> %.4f, NLL %.4f -> %.4f",
+                    name, calibration.temperature, calibration.num_samples, calibration.ece_before,
+                    calibration.ece_after, calibration.nll_before, calibration.nll_after)
+        return calibration
 
     def _encoder_record(self) -> dict[str, Any]:
         return self.model.config.vision.encoder_record()
 
-    def export(self, name: str, evaluation: dict[str, Any] | None = None) -> Path | None:
-        """Write the self-describing model folder RUN/name/ (LoRA merged), the run's resolved config, and a
-        model card (README.md) with how it was trained and `evaluation` (metrics plus "split" and "source").
+    def export(self, name: str, evaluation: dict[str, Any] | None = None,
+               calibration: Calibration | None = None) -> Path | None:
+        """Write the self-describing model folder RUN/name/ (LoRA merged) with `calibration` and the run's
+        `inference` settings in its config.json, the run's resolved config, and a model card (README.md) with
+        how it was trained, `evaluation` (metrics plus "split" and "source") and the calibration.
 
         Sharded, every process takes part in gathering the full weights and the main process builds the
         export from them; unsharded, the main process copies the model it holds whole."""
@@ -504,9 +536,11 @@ class Trainer:
                 merge_lora(exported.vision)
             summary = TrainingSummary(self.config, self._data_sizes(), self.progress.global_step,
                                       dict(Counter(r.data_source for r in self.datasets.train.records)))
-            card = model_card(exported, summary, evaluation)
+            calibration = calibration or Calibration()
+            card = model_card(exported, summary, evaluation, calibration, self.config.inference)
             target = exported.eval().save_pretrained(self.run_dir / name, card=card,
-                                                     dtype=EXPORT_DTYPES[self.config.train.export_dtype])
+                                                     dtype=EXPORT_DTYPES[self.config.train.export_dtype],
+                                                     inference=self.config.inference, calibration=calibration)
             save_config(self.config, target / "run_config.yaml")
         self.accelerator.wait_for_everyone()
         return target
@@ -525,19 +559,24 @@ class Trainer:
         self.tracker.log(epoch_scalars(metrics), metrics["global_step"])
 
     def _finish(self) -> dict[str, Any]:
-        """Evaluate on data.test, export final/ (its card holding the test metrics), write results and report."""
+        """Evaluate on data.test, export final/ (its card holding the test metrics, its temperature fitted on
+        the final model's validation logits), write results and report."""
         result: dict[str, Any] = {**self._encoder_record(), "best_val_macro_f1": self.progress.best_metric,
                                   "best_step": self.progress.best_step, "global_step": self.progress.global_step,
                                   "world_size": self.accelerator.num_processes}
         rows: list[dict] = []
         evaluation = None
+        model = self._prepared if self.wrap_once else self.model
         if self.datasets.test is not None:
             loader = self.accelerator.prepare(self._eval_loader(self.datasets.test))
-            result["test"] = self.evaluate(self._prepared if self.wrap_once else self.model, loader, rows)
+            result["test"] = self.evaluate(model, loader, rows).metrics
             evaluation = {"split": "test", "source": self.config.data.test, **result["test"]}
             self.tracker.log({f"test/{k}": result["test"][k] for k in ("loss", "accuracy", "macro_f1")},
                              self.progress.global_step)
-        self.export("final", evaluation)
+        val = None
+        if self.datasets.val is not None:
+            val = self.evaluate(model, self.accelerator.prepare(self._eval_loader(self.datasets.val)))
+        self.export("final", evaluation, self._calibration("final", val))
         if self.accelerator.is_main_process:
             write_jsonl(self.run_dir / "test_predictions.jsonl", self._with_sources(rows))
             write_json(self.run_dir / "results.json", result)

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from config.loader import load_config
-from models.metrics import accuracy, macro_f1
+from models.metrics import per_source_metrics
 from models.files import atomic_path, read_jsonl, write_text_atomic
 from train.plots import Panel, Series, line_chart, thumbnail_grid
 
@@ -198,23 +197,10 @@ def _confusion_section(counts: list[list[int]], class_names: list[str]) -> str:
     return "\n".join(["## Test confusion matrix", "", header, "|---" * (len(class_names) + 1) + "|", *rows])
 
 
-def per_source_metrics(predictions: list[dict], num_classes: int) -> dict[str, dict[str, float]]:
-    """source -> images, accuracy, macro-F1 over the test rows that carry a `source`."""
-    by_source: dict[str, list[dict]] = defaultdict(list)
-    for row in predictions:
-        if row.get("source") is not None:
-            by_source[row["source"]].append(row)
-    out = {}
-    for source, rows in sorted(by_source.items()):
-        labels = [r["label"] for r in rows]
-        preds = [max(range(num_classes), key=r["probabilities"].__getitem__) for r in rows]
-        out[source] = {"images": len(rows), "accuracy": accuracy(labels, preds),
-                       "macro_f1": macro_f1(labels, preds, num_classes)}
-    return out
-
-
 def _sources_section(predictions: list[dict], num_classes: int) -> str:
-    metrics = per_source_metrics(predictions, num_classes)
+    labels = [r["label"] for r in predictions]
+    preds = [max(range(num_classes), key=r["probabilities"].__getitem__) for r in predictions]
+    metrics = per_source_metrics(labels, preds, [r.get("source") for r in predictions], num_classes)
     if not metrics:
         return ""
     lines = ["## Test metrics per source", "", "| source | images | accuracy | macro-F1 |", "|---|---|---|---|"]

@@ -7,6 +7,7 @@ and hands over to `train.loop.Trainer`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from transformers.utils import logging as hf_logging
 from config import Config, config_differences, load_config, save_config
 from config.loader import ConfigError
 from models.build import build_model
+from models.calibration import check_uncertain_below
 from models.internvl2 import InternVL2MultimodalModel
 from train.checkpoints import (RESOLVED_CONFIG, UnsafeCheckpointError, latest_checkpoint, read_progress,
                                remove_stale_temporaries)
@@ -72,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                         data_seed=config.seed))
     try:
         sharding_function(config.train, accelerator)  # refused here, before any work
+        check_uncertain_below(config.inference.uncertain_below, "inference.uncertain_below")
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     _setup_logging(accelerator.is_main_process)
     set_seed(config.seed)
     model = build_model(config.model)
-    config = Config(model=model.config, data=config.data, train=config.train, output_dir=config.output_dir,
-                    seed=config.seed)  # resolved: the encoder actually used
+    config = dataclasses.replace(config, model=model.config)  # resolved: the encoder actually used
     last_logged = _last_logged_step(run_dir)  # before a resume truncates the killed run's rows
     checkpoint = _prepare_run_dir(accelerator, config, run_dir, args.resume, args.allow_config_change, model)
     datasets = build_datasets(config.data, model.class_names, model.preprocessing, config.seed)
