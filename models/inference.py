@@ -374,6 +374,6 @@ def prediction_metrics(counter: "ReceiptCounter", labels: Sequence[int], predict
             "calibration": {**calibration, **scaling_metrics(logits, torch.tensor(targets), counter.temperature)},
             "uncertainty": {"uncertain_below": counter.uncertain_below,
                             **coverage_report(targets, preds, [p.uncertain for _, p, _ in good])},
-            "per_source": per_source_metrics(targets, preds, [source for _, _, source in good], len(names)),
+            "per_source": per_source_metrics(targets, preds, [source for _, _, source in good], len(names), probs),
             "num_failed": len(predictions) - len(good),
             "failed": [{"image": p.image, "error": p.error} for p in predictions if not p.ok]}

@@ -133,13 +133,14 @@ def classification_report(targets: Labels, probabilities: torch.Tensor, class_na
                                  "counts": cm.tolist()}}
 
 
-def per_source_metrics(targets: Labels, predictions: Labels, sources: Sequence[str | None], num_classes: int
-                       ) -> dict[str, dict[str, float]]:
-    """source -> {"images", "accuracy", "macro_f1"} over the samples that carry a source (None: left out).
+def per_source_metrics(targets: Labels, predictions: Labels, sources: Sequence[str | None], num_classes: int,
+                       probabilities: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
+    """source -> {"images", "accuracy", "macro_f1"[, "ece"]} over the samples that carry a source (None: left out).
 
     Args:
         targets, predictions: (N,) class indices.
         sources: (N,) the manifest's `source` value of every sample, None where it has none.
+        probabilities: (N, C) when given, each source also gets its "ece" (`expected_calibration_error`).
 
     Returns:
         One entry per distinct source, sorted by name; {} when no sample has a source.
@@ -152,9 +153,13 @@ def per_source_metrics(targets: Labels, predictions: Labels, sources: Sequence[s
     for i, source in enumerate(sources):
         if source is not None:
             rows[source].append(i)
-    return {source: {"images": len(idx), "accuracy": accuracy(t[idx], p[idx]),
-                     "macro_f1": macro_f1(t[idx], p[idx], num_classes)}
-            for source, idx in sorted(rows.items())}
+    out = {source: {"images": len(idx), "accuracy": accuracy(t[idx], p[idx]),
+                    "macro_f1": macro_f1(t[idx], p[idx], num_classes)}
+           for source, idx in sorted(rows.items())}
+    if probabilities is not None:
+        for source, idx in rows.items():
+            out[source]["ece"] = expected_calibration_error(probabilities[idx], t[idx])
+    return out
 
 
 def coverage_report(targets: Labels, predictions: Labels, uncertain: Sequence[bool]) -> dict[str, float | int]:

@@ -58,9 +58,9 @@ def summary_lines(metrics: dict) -> list[str]:
              f"{metrics['num_samples']}; accuracy on the other {metrics['num_samples'] - unc['num_uncertain']} "
              f"(coverage {unc['coverage']:.1%}): {unc['confident_accuracy']:.4f}"]
     if metrics["per_source"]:
-        rows = [(source, m["images"], f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}")
+        rows = [(source, m["images"], f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['ece']:.4f}")
                 for source, m in metrics["per_source"].items()]
-        lines += ["", "per source:", markdown_table(("source", "images", "accuracy", "macro-F1"), rows)]
+        lines += ["", "per source:", markdown_table(("source", "images", "accuracy", "macro-F1", "ECE"), rows)]
     return lines
 
 

@@ -4,7 +4,7 @@ Public API:
     surface(rng, kind, size) -> RGB background of `size` = (width, height); kind in SURFACES
     add_clutter(rng, scene, count)       -- pens, a phone, a mug ring, keys: desk things that are not paper
     add_hand(rng, scene, near)           -- a hand holding the paper at box `near`, reaching in from an edge
-    paste(rng, scene, sheet, xy, shadow, light) -- alpha-paste a sheet, with a soft drop shadow when `shadow`
+    paste(rng, scene, sheet, xy, shadow, light) -- alpha-paste a sheet over its soft shadow (strength `shadow`)
     photo_finish(rng, scene) / scan_finish(rng, scene) -> RGB
 
 Every random choice comes from the `random.Random` passed in (noise from torch generators seeded by it), so
@@ -152,15 +152,20 @@ def add_hand(rng: random.Random, scene: Image.Image, near: Box) -> None:
     scene.paste(shading, (0, 0), layer)
 
 
-def paste(rng: random.Random, scene: Image.Image, sheet: Image.Image, xy: tuple[float, float], shadow: bool,
+def paste(rng: random.Random, scene: Image.Image, sheet: Image.Image, xy: tuple[float, float], shadow: float,
           light: tuple[float, float]) -> None:
-    """Alpha-paste an RGBA sheet at `xy`, first casting its soft shadow on what is below when `shadow`."""
+    """Alpha-paste an RGBA sheet at `xy`, first casting its soft shadow on what is below.
+
+    Args:
+        shadow: 1 for a photo's drop shadow, about 0.2-0.5 for the thin dark edge a flatbed scan shows
+            around a sheet under its lid, 0 for none.
+    """
     x, y = round(xy[0]), round(xy[1])
     alpha = sheet.getchannel("A")
-    if shadow:
-        reach = min(scene.size) * rng.uniform(0.004, 0.014)
-        blurred = alpha.filter(ImageFilter.GaussianBlur(reach * 0.8))
-        opacity = rng.uniform(0.25, 0.55)
+    if shadow > 0:
+        reach = min(scene.size) * rng.uniform(0.004, 0.014) * shadow
+        blurred = alpha.filter(ImageFilter.GaussianBlur(max(0.5, reach * 0.8)))
+        opacity = rng.uniform(0.25, 0.55) * min(1.0, 2 * shadow)
         scene.paste((0, 0, 0), (x + round(light[0] * reach), y + round(light[1] * reach)),
                     blurred.point(lambda v: round(v * opacity)))
     scene.paste(sheet, (x, y), alpha)

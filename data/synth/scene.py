@@ -11,8 +11,8 @@ much of the frame is paper are drawn *before* the class is looked at, from the s
 every class; the class then decides only which sheets fill the chosen layout:
 
     tight_scan   one sheet (or a few) filling a white scan, like a flatbed scan cropped to the paper;
-                 class 0 is a document, or a narrow slice of one; with receipts, sometimes a document
-                 under them (a receipt lying on or stapled to a letter).
+                 class 0 is a whole page (small, with white around it, in a narrow frame); with
+                 receipts, sometimes a document under them (a receipt lying on or stapled to a letter).
     page_scan    an A4 scanner page holding k small sheets in rows, some overlapping; k is drawn the same
                  way for every class; class 0 fills it with cards, notes and small pages, class 1 puts one
                  receipt among them, class 2+ 2 to max_receipts receipts.
@@ -138,15 +138,16 @@ def _tight_scan(rng: random.Random, size: int, count: int, crowd: int, stock: _S
     w, h = max(8, round(size * aspect)), size
     scene = stock.background(rng, "scanner_lid", (w, h))
     margin = h * rng.uniform(0.0, 0.05)
+    edge = rng.uniform(0.2, 0.5)  # the thin shadow a scanner shows around a sheet
     row = _receipt_row(rng, stock, count, (w, h), margin, height_share=(0.8, 1.0), spread=2) if count else []
-    if count == 0 or rng.random() < 0.2:  # a document alone, or under the receipts
-        if rng.random() < 0.5:
-            width = w * rng.uniform(0.9, 1.05)
-        else:  # in a narrow frame, a slice of the page as tall as the frame
-            width = max(w * rng.uniform(0.9, 1.05), (h - 2 * margin) / 1.414 * rng.uniform(0.95, 1.05))
-        page = _rotate(rng, stock.document(rng, width * (rng.uniform(0.8, 1.0) if count else 1.0)), spread=2)
-        paste(rng, scene, page, ((w - page.width) / 2 + rng.uniform(-0.1, 0.1) * w, margin), False, (0, 0))
-    _paste_all(rng, scene, row, shadow=False)
+    if count == 0 or rng.random() < 0.1:  # a document alone, or under the receipts
+        # A whole page, as wide as the frame allows (in a narrow frame, a small page with white around it:
+        # the page's own shape, never a receipt-shaped slice of one).
+        width = min(w * rng.uniform(0.9, 1.0), (h - 2 * margin) / 1.414 * rng.uniform(0.95, 1.0))
+        page = _rotate(rng, stock.document(rng, width), spread=2)
+        xy = ((w - page.width) / 2 + rng.uniform(-0.05, 0.05) * w, margin + rng.uniform(0, max(0.0, h - page.height - 2 * margin)))
+        paste(rng, scene, page, xy, edge, (0.3, 0.5))
+    _paste_all(rng, scene, row, shadow=edge)
     return scene
 
 
@@ -171,7 +172,7 @@ def _receipt_row(rng: random.Random, stock: _Stock, count: int, frame: Size, mar
 
 
 def _paste_all(rng: random.Random, scene: Image.Image, row: list[tuple[Image.Image, tuple[float, float]]],
-               shadow: bool) -> None:
+               shadow: float) -> None:
     light = (rng.uniform(-1, 1), rng.uniform(0.3, 1))
     for sheet, xy in row:
         paste(rng, scene, sheet, xy, shadow, light)
@@ -186,7 +187,8 @@ def _page_scan(rng: random.Random, size: int, count: int, crowd: int, stock: _St
     """An A4 page (portrait or landscape) holding k sheets in rows; the class picks how many are receipts."""
     portrait = rng.random() < 0.7
     w, h = (round(size / 1.414), size) if portrait else (size, round(size / 1.414))
-    scene = stock.background(rng, "scanner_lid" if rng.random() < 0.75 else "scanner_bed", (w, h))
+    lid = rng.random() < 0.75
+    scene = stock.background(rng, "scanner_lid" if lid else "scanner_bed", (w, h))
     slots = max(count, crowd, rng.randint(1, 8))
     kinds = ["receipt"] * count + ["other"] * (slots - count)
     rng.shuffle(kinds)
@@ -194,6 +196,7 @@ def _page_scan(rng: random.Random, size: int, count: int, crowd: int, stock: _St
     rows = math.ceil(slots / cols)
     cell_w, cell_h = w / cols, h / rows
     crowd = rng.uniform(0.7, 0.95) if rng.random() < 0.7 else rng.uniform(1.0, 1.25)  # > 1: overlap
+    edge = rng.uniform(0.2, 0.5) if lid else 0.0  # the thin shadow a closed lid shows around a sheet
     for i, kind in enumerate(kinds):
         box_w, box_h = cell_w * crowd, cell_h * crowd
         if kind == "receipt":
@@ -203,7 +206,7 @@ def _page_scan(rng: random.Random, size: int, count: int, crowd: int, stock: _St
         sheet = _rotate(rng, sheet, spread=4)
         cx = (i % cols + 0.5) * cell_w + rng.uniform(-0.1, 0.1) * cell_w
         cy = (i // cols + 0.5) * cell_h + rng.uniform(-0.1, 0.1) * cell_h
-        paste(rng, scene, sheet, (cx - sheet.width / 2, cy - sheet.height / 2), False, (0, 0))
+        paste(rng, scene, sheet, (cx - sheet.width / 2, cy - sheet.height / 2), edge, (0.3, 0.5))
     return scene
 
 
@@ -228,9 +231,9 @@ def _photo_close(rng: random.Random, size: int, count: int, crowd: int, stock: _
         width = math.sqrt(coverage * w * h / 1.414)  # an A4 page of that area
         page = _rotate(rng, stock.document(rng, width), spread=10)
         xy = ((w - page.width) / 2 + rng.uniform(-0.15, 0.15) * w, (h - page.height) / 2 + rng.uniform(-0.2, 0.2) * h)
-        paste(rng, scene, page, xy, True, (rng.uniform(-1, 1), rng.uniform(0.3, 1)))
+        paste(rng, scene, page, xy, 1.0, (rng.uniform(-1, 1), rng.uniform(0.3, 1)))
         held = held or (xy[0], xy[1], xy[0] + page.width, xy[1] + page.height)
-    _paste_all(rng, scene, row, shadow=True)
+    _paste_all(rng, scene, row, shadow=1.0)
     if rng.random() < 0.3:
         add_hand(rng, scene, held)
     return scene
@@ -254,7 +257,7 @@ def _photo_desk(rng: random.Random, size: int, count: int, crowd: int, stock: _S
         sheet = _rotate(rng, sheet, spread=18, sideways=rng.random() < 0.08)
         box = _choose_position(rng, sheet.size, (w, h), placed, overlap_ok=0.2 if rng.random() < 0.3 else 0.06)
         placed.append(box)
-        paste(rng, scene, sheet, box[:2], True, light)
+        paste(rng, scene, sheet, box[:2], 1.0, light)
     return scene
 
 

@@ -1,0 +1,69 @@
+"""Encoder pre-training (train/pretrain.py, models/pretrained.py): count targets from the manifest, every
+parameter trained, the saved folder loads back as the same encoder through the adapter."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from data.dataset import ReceiptDataset
+from data.manifest import load_records
+from models.encoders.registry import get_encoder_class
+from models.pretrained import save_encoder
+from train.pretrain import CountingProbe, PretrainSettings, count_targets, pretrain
+
+CLASSES = ["0", "1", "2+"]
+
+
+def _write_set(folder: Path, counts: list[int]) -> Path:
+    """Images with `count` white strips on grey, and a metadata.csv with receipt_count."""
+    folder.mkdir(parents=True)
+    with (folder / "metadata.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "receipt_count", "label"])
+        for i, count in enumerate(counts):
+            image = Image.new("RGB", (64, 64), (90, 90, 90))
+            for k in range(count):
+                ImageDraw.Draw(image).rectangle((4 + 14 * k, 8, 12 + 14 * k, 56), fill=(250, 250, 250))
+            image.save(folder / f"{i}.png")
+            writer.writerow([f"{i}.png", count, min(count, 2)])
+    return folder
+
+
+def test_count_targets_read_the_manifest_and_cap(tmp_path: Path) -> None:
+    folder = _write_set(tmp_path / "s", [0, 1, 3, 4])
+    records = load_records(folder, CLASSES)
+    assert count_targets(folder, records, most=3) == [0, 1, 3, 3]
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "metadata.csv").write_text("file_name,label\n0.png,0\n")
+    with pytest.raises(ValueError, match="no receipt_count column"):
+        count_targets(tmp_path / "plain", records, most=3)
+
+
+def test_pretraining_trains_every_parameter_and_saves_a_loadable_encoder(tiny_checkpoints, tmp_path: Path) -> None:
+    swin = get_encoder_class("swin")
+    encoder = swin.build(str(tiny_checkpoints["swin"]), {}, (224, 224))
+    probe = CountingProbe(encoder, num_counts=4)
+    folder = _write_set(tmp_path / "train", [0, 1, 2, 3] * 4)
+    records = load_records(folder, CLASSES)
+    data = (ReceiptDataset(records, encoder.preprocessing), count_targets(folder, records, most=3))
+    before = {name: p.detach().clone() for name, p in probe.named_parameters()}
+    history = pretrain(probe, data, data, PretrainSettings(epochs=3, batch_size=8, lr=3e-3, warmup_steps=0),
+                       log=lambda row: None)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    unchanged = [name for name, p in probe.named_parameters() if torch.equal(p, before[name])]
+    assert unchanged == []  # the encoder too: nothing is frozen in pre-training
+    out = save_encoder(encoder, tiny_checkpoints["swin"], tmp_path / "kept", {"command": "test"})
+    assert json.loads((out / "pretraining.json").read_text()) == {"command": "test"}
+    assert not (tmp_path / "kept.partial").exists()
+    reloaded = swin.build(str(out), {}, (224, 224))
+    pixels = torch.stack([data[0][i]["pixel_values"] for i in range(4)])
+    encoder.eval(), reloaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(pixels).tokens, encoder(pixels).tokens, atol=1e-6)
