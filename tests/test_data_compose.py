@@ -4,26 +4,18 @@ crops, disjoint splits, bad files skipped and counted, the sources recorded per 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import random
-import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image, ImageDraw
 
 from data.synth.real import RealSources, paper_box
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "make_receipts.py"
+from tests.conftest import load_script
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("make_receipts_compose", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_receipts")
 
 
 def _photo(path: Path, box: tuple[int, int, int, int], size: tuple[int, int] = (120, 160)) -> None:

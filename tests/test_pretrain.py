@@ -67,3 +67,15 @@ def test_pretraining_trains_every_parameter_and_saves_a_loadable_encoder(tiny_ch
     encoder.eval(), reloaded.eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(pixels).tokens, encoder(pixels).tokens, atol=1e-6)
+
+
+def test_the_committed_encoder_is_small_records_how_it_was_made_and_loads() -> None:
+    """models/pretrained/receipt-swin-tiny, the demo's starting point: at most 5 MB, its provenance kept,
+    loadable by the swin adapter like any hub folder, and the tiny architecture the demo was sized for."""
+    folder = Path(__file__).resolve().parents[1] / "models" / "pretrained" / "receipt-swin-tiny"
+    assert (folder / "model.safetensors").stat().st_size <= 5 * 2**20
+    provenance = json.loads((folder / "pretraining.json").read_text())
+    assert provenance["command"].startswith("python scripts/pretrain_encoder.py")
+    assert provenance["hours"]["training"] > 0 and provenance["epochs"]
+    encoder = get_encoder_class("swin").build(str(folder), {}, (224, 224))
+    assert encoder.backbone.config.embed_dim == 16 and list(encoder.backbone.config.depths) == [1, 1, 2, 1]
