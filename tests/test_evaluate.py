@@ -175,11 +175,14 @@ def test_evaluate_reports_per_source_calibration_and_coverage(export, sourced, t
     logits = torch.tensor([p.logits for p in predictions])
     preds = logits.argmax(1)
     correct = (preds == labels).tolist()
+    calibrated = (logits / 2).softmax(-1)  # per-source ECE is of the probabilities the rows carry
     assert metrics["per_source"] == {
         "photos": {"images": 3, "accuracy": pytest.approx(sum(correct[4:7]) / 3),
-                   "macro_f1": pytest.approx(macro_f1(labels[4:7], preds[4:7], 3))},
+                   "macro_f1": pytest.approx(macro_f1(labels[4:7], preds[4:7], 3)),
+                   "ece": pytest.approx(expected_calibration_error(calibrated[4:7], labels[4:7]))},
         "scans": {"images": 4, "accuracy": pytest.approx(sum(correct[:4]) / 4),
-                  "macro_f1": pytest.approx(macro_f1(labels[:4], preds[:4], 3))}}  # the broken scan left out
+                  "macro_f1": pytest.approx(macro_f1(labels[:4], preds[:4], 3)),
+                  "ece": pytest.approx(expected_calibration_error(calibrated[:4], labels[:4]))}}  # the broken scan left out
     assert "| scans | 4 |" in printed and "| photos | 3 |" in printed
     calibration = metrics["calibration"]
     assert calibration["temperature"] == 2.0 and calibration["fitted"] and calibration["fitted_on"] == "val.csv"
