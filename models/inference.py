@@ -23,6 +23,8 @@ order; at most a few batches are in flight, so memory does not grow with the num
 
 from __future__ import annotations
 
+import argparse
+
 import os
 import sys
 from dataclasses import dataclass
@@ -104,6 +106,18 @@ def cpu_threads_beside(num_workers: int) -> int:
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores - num_workers)
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--batch-size N` (an integer >= 1, default 16) and `--device`, as every inference command line takes them."""
+    parser.add_argument("--batch-size", type=_batch_size, default=16, help="images per forward pass (default 16)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when available")
+
+
+def _batch_size(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return int(text)
 
 
 class ReceiptCounter:

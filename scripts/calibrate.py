@@ -23,10 +23,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from models.calibration import fit_calibration  # noqa: E402
-from models.inference import DEVICES, LoadError, labelled_logits, load_labelled, predict_records  # noqa: E402
+from models.measure import quiet_and_threaded  # noqa: E402
+from models.inference import LoadError, add_batch_arguments, labelled_logits, load_labelled, predict_records  # noqa: E402
 from models.internvl2 import write_calibration  # noqa: E402
 
 
@@ -34,18 +34,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help="exported model folder (rewritten)")
     parser.add_argument("--data", required=True, type=Path, help="labelled manifest (.csv/.jsonl) or folder")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when available")
+    add_batch_arguments(parser)
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_and_threaded(None)
     try:
         counter, records = load_labelled(args.checkpoint, args.data, args.device)
     except LoadError as exc:

@@ -32,14 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from data.manifest import Record  # noqa: E402
 from models.calibration import parse_probability  # noqa: E402
 from models.files import atomic_path, write_text_atomic  # noqa: E402
-from models.inference import (DEVICES, LoadError, Prediction, load_labelled, predict_records,  # noqa: E402
+from models.inference import (LoadError, add_batch_arguments, Prediction, load_labelled, predict_records,  # noqa: E402
                               prediction_metrics)
-from models.measure import markdown_table  # noqa: E402
+from models.measure import markdown_table, quiet_and_threaded  # noqa: E402
 
 # Confusion-matrix picture layout, in pixels.
 CELL, LEFT, TOP, BOTTOM, BAR_AREA = 110, 150, 110, 70, 130
@@ -153,21 +152,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path, help="exported model folder")
     parser.add_argument("--data", required=True, type=Path, help="labelled manifest (.csv/.jsonl) or folder")
     parser.add_argument("--out", type=Path, default=Path("outputs/evaluate"), help="default: outputs/evaluate")
-    parser.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
-    parser.add_argument("--device", choices=DEVICES, default="auto", help="default: cuda when available")
+    add_batch_arguments(parser)
     parser.add_argument("--uncertain-below", type=parse_probability, metavar="P",
                         help="flag predictions whose top probability is below P (default: the export's "
                              "inference.uncertain_below)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_and_threaded(None)
     try:
         counter, records = load_labelled(args.checkpoint, args.data, args.device, args.uncertain_below)
     except LoadError as exc:

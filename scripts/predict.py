@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
 
 from data.manifest import IMAGE_EXTENSIONS  # noqa: E402
 from models.calibration import parse_probability  # noqa: E402
+from models.measure import quiet_and_threaded  # noqa: E402
 from models.inference import DEVICES, Prediction, ReceiptCounter, cpu_threads_beside  # noqa: E402
 
 GLOB_CHARS = set("*?[")
@@ -123,8 +123,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.output is not None and args.output.suffix.lower() not in OUTPUT_FORMATS:
         parser.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {args.output}")
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     return args
@@ -132,8 +130,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_and_threaded(None)
     try:
         dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
         counter = ReceiptCounter.from_pretrained(args.checkpoint, device=args.device, dtype=dtype,
