@@ -35,8 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path, help="exported model folder (rewritten)")
     parser.add_argument("--data", required=True, type=Path, help="labelled manifest (.csv/.jsonl) or folder")
     add_batch_arguments(parser)
-    args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

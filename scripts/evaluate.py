@@ -156,8 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--uncertain-below", type=parse_probability, metavar="P",
                         help="flag predictions whose top probability is below P (default: the export's "
                              "inference.uncertain_below)")
-    args = parser.parse_args(argv)
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
