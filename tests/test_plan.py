@@ -19,7 +19,7 @@ from train.plan import activation_bytes, build_meta_model, dry_run, plan_stages
 from train.run import main
 from train.trainability import apply_stage
 
-DEMO = REPO / "config" / "demo_swin.yaml"  # three stages: align, the whole encoder, LoRA on the LLM
+DEMO = REPO / "config" / "demo_swin.yaml"  # three stages: align, the encoder's last stage, LoRA on the LLM
 
 
 def demo_args(tiny, out, *overrides: str) -> list[str]:
@@ -31,6 +31,11 @@ def demo_args(tiny, out, *overrides: str) -> list[str]:
 def demo_config(tiny, *overrides: str):
     return load_config(DEMO, [f"model.vision.checkpoint={tiny['swin']}",
                               f"model.language.checkpoint={tiny['internvl2']}", *overrides])
+
+
+def whole_encoder(stage):
+    """The demo stage, training the whole encoder as well (the demo itself trains only its last stage)."""
+    return dataclasses.replace(stage, trainable=[*stage.trainable, "vision.all"])
 
 
 def real_counts(tiny) -> list[tuple[int, int, dict[str, int]]]:
@@ -102,7 +107,7 @@ def test_activations_scale_linearly_with_batch(tiny_checkpoints):
 
 def test_checkpointing_and_frozen_encoder_lower_the_estimate(tiny_checkpoints):
     config = demo_config(tiny_checkpoints)
-    vision = config.train.stages[1]  # trains the whole encoder
+    vision = whole_encoder(config.train.stages[1])
     plans = plan_stages(build_meta_model(config), [config.train.stages[0], vision,
                                                    dataclasses.replace(vision, gradient_checkpointing=True)], 4)
     frozen, trained, checkpointed = (p.activations for p in plans)
@@ -113,7 +118,7 @@ def test_checkpointing_and_frozen_encoder_lower_the_estimate(tiny_checkpoints):
 def test_meta_estimate_equals_the_count_on_real_tensors(tiny_checkpoints):
     """Shapes alone give the same saved bytes as a real forward (no SDPA with grouped heads here)."""
     config = demo_config(tiny_checkpoints)
-    stage = config.train.stages[1]
+    stage = whole_encoder(config.train.stages[1])
     meta, real = build_meta_model(config), build_model(config.model)
     for model in (meta, real):
         apply_stage(model, stage, model.parameter_groups(), [f"vision.{g}" for g in model.vision.depth_groups])
