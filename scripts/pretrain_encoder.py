@@ -1,7 +1,7 @@
 """Pre-train the demo's tiny Swin encoder on rendered scenes and keep it as an encoder checkpoint.
 
     python scripts/pretrain_encoder.py [--out models/pretrained/receipt-swin-tiny] [--data datasets/pretrain]
-        [--train 24000] [--val 600] [--seed 7] [--epochs 6] [--batch-size 32] [--lr 2e-3] [--init DIR]
+        [--train 24000] [--val 600] [--seed 7] [--epochs 10] [--batch-size 32] [--lr 5e-4] [--init DIR]
 
 Makes what is missing the way a user would (scripts/make_tiny_checkpoints.py: the random start;
 scripts/make_receipts.py: rendered scenes only, with a data seed the demo does not use), trains the
