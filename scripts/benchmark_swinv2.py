@@ -17,14 +17,16 @@ Method:
   machine's float32 matmul rate is the median of 2048x2048 GEMMs on the same threads.
 
 Usage:
-    python scripts/benchmark_swinv2.py                 # full: batch 8, 7 repeats, 3 memory children
+    python scripts/benchmark_swinv2.py                 # full: batch 8, 15 repeats, 3 memory children
     python scripts/benchmark_swinv2.py --repeats 3 --memory-repeats 1 --cases eval_w8
     python scripts/benchmark_swinv2.py --backends --device cuda --dtype bfloat16   # the GPU check
+    python scripts/benchmark_swinv2.py --chunk-mib 16 24 32 none    # the CPU sub-batch sweep
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -189,6 +191,37 @@ def backend_rows(device: str, dtype: torch.dtype, window: int, batch: int, repea
     return rows
 
 
+# -- sub-batch sweep -----------------------------------------------------------------------------------
+
+def chunk_rows(mode: str, window: int, sizes: list[float | None], batch: int, repeats: int, warmup: int,
+               shape: dict | None = None) -> list[str]:
+    """One row per `chunk_mib` value: the in-house model's median time and its speed-up over
+    transformers, every variant alternating with the others and with transformers in one process."""
+    hf, ours = build_models(window, shape=shape)
+    side = (shape or TINY_SHAPE)["image_size"]
+    x = torch.randn(batch, 3, side, side)
+    steps = {"transformers": make_step(hf, x, mode)}
+    for mib in sizes:
+        variant = copy.deepcopy(ours)
+        for stage in variant.layers:
+            stage.chunk_mib = mib
+        steps[str(mib)] = make_step(variant, x, mode)
+    t = alternate_timings(steps, repeats, warmup)
+    return [f"| {mode}, window {window} | {name} | {t[name]:.3f} | {t['transformers'] / t[name]:.3f}x |"
+            for name in steps if name != "transformers"]
+
+
+def print_chunk_table(args: argparse.Namespace) -> None:
+    sizes = [None if s == "none" else float(s) for s in args.chunk_mib]
+    print(f"torch {torch.__version__}, {args.threads} threads, float32, swinv2-tiny shape, batch {args.batch}, "
+          f"median of {args.repeats}; chunk_mib None = no sub-batches\n")
+    print("| case | chunk_mib | in-house (s) | speed-up over transformers |")
+    print("|---|---|---|---|")
+    for mode, window in (("eval", 8), ("train", 8)):
+        for row in chunk_rows(mode, window, sizes, args.batch, args.repeats, args.warmup):
+            print(row, flush=True)
+
+
 # -- report --------------------------------------------------------------------------------------------
 
 def run_case(case: Case, args: argparse.Namespace, peak: float) -> list[str]:
@@ -216,7 +249,7 @@ def run_case(case: Case, args: argparse.Namespace, peak: float) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per model (median)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed repeats per model (median)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-repeats", type=int, default=3, help="child processes per model; 0 skips")
@@ -228,6 +261,9 @@ def main() -> None:
                         help="device of the --backends table")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="dtype of the --backends table")
+    parser.add_argument("--chunk-mib", nargs="+", metavar="MIB",
+                        help="instead: eval and train times of the in-house model at each sub-batch size "
+                             "(SwinV2Config.chunk_mib; 'none' = whole batches), against transformers")
     parser.add_argument("--memory-child", choices=["transformers", "inhouse"], help=argparse.SUPPRESS)
     parser.add_argument("--window", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -238,6 +274,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.backends:
         print_backend_table(args)
+        return
+    if args.chunk_mib:
+        print_chunk_table(args)
         return
     peak = matmul_gflops(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, float32, swinv2-tiny shape "

@@ -238,6 +238,22 @@ def test_swinv2_backend_table_runs_each_backend_and_matches_the_eager_output() -
     assert float(by_name[("train", "in-house, SDPA math")][2]) > 0
 
 
+def test_swinv2_chunk_sweep_runs_each_sub_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The --chunk-mib sweep times one variant per size, and each variant really runs its stages on
+    sub-batches of that size (stage 0 of this shape holds 1/16 MiB of MLP activation per image)."""
+    from models.swinv2.model import SwinV2Stage
+
+    swinv2_bench = load_script("benchmark_swinv2")
+    seen: list[int] = []
+    forward = SwinV2Stage._forward
+    monkeypatch.setattr(SwinV2Stage, "_forward", lambda self, x, masks: seen.append(x.shape[0]) or forward(self, x, masks))
+    shape = dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], image_size=64)
+    rows = swinv2_bench.chunk_rows("eval", 8, [1 / 16, None], batch=2, repeats=1, warmup=0, shape=shape)
+    assert [r.split(" | ")[1] for r in rows] == ["0.0625", "None"]
+    assert all(r.endswith("x |") and float(r.split(" | ")[2]) > 0 for r in rows)
+    assert 1 in seen and 2 in seen  # one image per sub-batch at 1/16 MiB, the whole batch with None
+
+
 # ---------------------------------------------------------------------------- full-size benchmark
 fullsize = load_script("benchmark_fullsize")
 
