@@ -211,14 +211,26 @@ def chunk_rows(mode: str, window: int, sizes: list[float | None], batch: int, re
             for name in steps if name != "transformers"]
 
 
+def chunk_size(text: str) -> float | None:
+    """A `--chunk-mib` value: a positive number of MiB, or "none" (whole batches)."""
+    if text.lower() == "none":
+        return None
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = 0.0
+    if mib <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of MiB or 'none'")
+    return mib
+
+
 def print_chunk_table(args: argparse.Namespace) -> None:
-    sizes = [None if s == "none" else float(s) for s in args.chunk_mib]
     print(f"torch {torch.__version__}, {args.threads} threads, float32, swinv2-tiny shape, batch {args.batch}, "
           f"median of {args.repeats}; chunk_mib None = no sub-batches\n")
     print("| case | chunk_mib | in-house (s) | speed-up over transformers |")
     print("|---|---|---|---|")
     for mode, window in (("eval", 8), ("train", 8)):
-        for row in chunk_rows(mode, window, sizes, args.batch, args.repeats, args.warmup):
+        for row in chunk_rows(mode, window, args.chunk_mib, args.batch, args.repeats, args.warmup):
             print(row, flush=True)
 
 
@@ -261,7 +273,7 @@ def main() -> None:
                         help="device of the --backends table")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                         help="dtype of the --backends table")
-    parser.add_argument("--chunk-mib", nargs="+", metavar="MIB",
+    parser.add_argument("--chunk-mib", nargs="+", metavar="MIB", type=chunk_size,
                         help="instead: eval and train times of the in-house model at each sub-batch size "
                              "(SwinV2Config.chunk_mib; 'none' = whole batches), against transformers")
     parser.add_argument("--memory-child", choices=["transformers", "inhouse"], help=argparse.SUPPRESS)

@@ -3,6 +3,7 @@ budget checks, token counts, and tiny benchmark runs end to end over the registr
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -252,6 +253,14 @@ def test_swinv2_chunk_sweep_runs_each_sub_batch_size(monkeypatch: pytest.MonkeyP
     assert [r.split(" | ")[1] for r in rows] == ["0.0625", "None"]
     assert all(r.endswith("x |") and float(r.split(" | ")[2]) > 0 for r in rows)
     assert 1 in seen and 2 in seen  # one image per sub-batch at 1/16 MiB, the whole batch with None
+
+
+def test_swinv2_chunk_sweep_refuses_a_size_that_is_not_positive() -> None:
+    swinv2_bench = load_script("benchmark_swinv2")
+    assert swinv2_bench.chunk_size("none") is None and swinv2_bench.chunk_size("24") == 24.0
+    for bad in ("0", "-8", "big"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'{bad}' is not a positive number of MiB"):
+            swinv2_bench.chunk_size(bad)
 
 
 # ---------------------------------------------------------------------------- full-size benchmark
