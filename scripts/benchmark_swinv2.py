@@ -29,6 +29,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -219,7 +220,7 @@ def chunk_size(text: str) -> float | None:
         mib = float(text)
     except ValueError:
         mib = 0.0
-    if mib <= 0:
+    if not (0 < mib < math.inf):  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of MiB or 'none'")
     return mib
 

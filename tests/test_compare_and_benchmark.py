@@ -258,7 +258,7 @@ def test_swinv2_chunk_sweep_runs_each_sub_batch_size(monkeypatch: pytest.MonkeyP
 def test_swinv2_chunk_sweep_refuses_a_size_that_is_not_positive() -> None:
     swinv2_bench = load_script("benchmark_swinv2")
     assert swinv2_bench.chunk_size("none") is None and swinv2_bench.chunk_size("24") == 24.0
-    for bad in ("0", "-8", "big"):
+    for bad in ("0", "-8", "big", "nan", "inf"):
         with pytest.raises(argparse.ArgumentTypeError, match=f"'{bad}' is not a positive number of MiB"):
             swinv2_bench.chunk_size(bad)
 
