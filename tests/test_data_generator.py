@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from data.manifest import load_records
+from data.synth import camera
 from data.synth import scene as scene_module
 from data.synth.scene import FRAMINGS, receipt_count, render_scene
 
@@ -127,6 +128,34 @@ def test_every_framing_draws_every_class(framing: str, label: int, monkeypatch: 
     scene = render_scene(random.Random(label), 96, label)
     assert scene.framing == framing and min(scene.receipt_count, 2) == label
     assert max(scene.image.size) == 96 and min(scene.image.size) >= 8
+
+
+def test_a_close_crop_shows_a_window_of_a_sheet_taller_than_the_frame() -> None:
+    scene = Image.new("RGB", (60, 100), (0, 0, 0))
+    tall = Image.new("RGBA", (40, 300), (255, 255, 255, 255))
+    for seed in range(5):
+        frame = scene.copy()
+        scene_module._paste_window(random.Random(seed), frame, tall, shadow=0.0, light=(0.0, 1.0), left=10)
+        column = frame.crop((10, 0, 50, 100))
+        assert column.getextrema() == ((255, 255),) * 3  # paper in every row: its edges are out of frame
+    short = Image.new("RGBA", (40, 30), (255, 255, 255, 255))
+    frame = scene.copy()
+    scene_module._paste_window(random.Random(0), frame, short, shadow=0.0, light=(0.0, 1.0), left=10)
+    assert frame.convert("L").histogram()[255] == 40 * 30  # a shorter sheet lies whole inside the frame
+
+
+def test_document_mode_scans_are_grey_with_white_paper(monkeypatch: pytest.MonkeyPatch) -> None:
+    page = Image.new("RGB", (64, 96), (236, 232, 225))
+    page.paste((120, 110, 100), (10, 20, 50, 24))  # a line of print
+    monkeypatch.setattr(camera, "BILEVEL_SHARE", 1.0)
+    scanned = camera.scan_finish(random.Random(3), page)
+    r, g, b = scanned.split()
+    assert r.tobytes() == g.tobytes() == b.tobytes()  # black and white, whatever the paper's tint
+    grey = scanned.convert("L")
+    assert grey.histogram()[255] > 0.9 * (64 * 96 - 40 * 4)  # the paper clipped to pure white
+    assert grey.getpixel((30, 22)) < 60  # the print pushed towards black
+    monkeypatch.setattr(camera, "BILEVEL_SHARE", 0.0)
+    assert camera.scan_finish(random.Random(3), page).convert("L").histogram()[255] == 0  # colour scans keep the tint
 
 
 def test_rerun_with_fewer_images_leaves_no_stale_files(tmp_path: Path) -> None:

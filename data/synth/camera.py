@@ -22,6 +22,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 Size = tuple[int, int]  # (width, height), PIL's order
 Box = tuple[float, float, float, float]  # (left, top, right, bottom)
 SURFACES = ("scanner_lid", "scanner_bed", "wood", "table", "fabric")
+BILEVEL_SHARE = 0.15  # of scans: in black-and-white document mode, as office scanners and faxes store forms
 SKIN = ((236, 188, 160), (224, 172, 140), (198, 134, 100), (160, 105, 75), (110, 72, 52))
 
 
@@ -185,10 +186,28 @@ def photo_finish(rng: random.Random, scene: Image.Image) -> Image.Image:
 
 
 def scan_finish(rng: random.Random, scene: Image.Image) -> Image.Image:
-    """A flatbed's flat light: a little blur and a little noise."""
+    """A flatbed's flat light: a little blur and a little noise; now and then an office scanner's
+    black-and-white document mode: paper and lid clipped to pure white, ink pushed towards black."""
     if rng.random() < 0.5:
         scene = scene.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.6) * max(scene.size) / 448))
-    return _add_noise(rng, scene, amplitude=rng.randint(1, 4))
+    scene = _add_noise(rng, scene, amplitude=rng.randint(1, 4))
+    if rng.random() < BILEVEL_SHARE:
+        grey = scene.convert("L")
+        white = _paper_level(grey) * rng.uniform(0.85, 0.95)
+        black = white * rng.uniform(0.3, 0.6)  # a steep ramp, not a hard cut: small print at this size is grey
+        scene = grey.point(lambda v: round(255 * min(1.0, max(0.0, (v - black) / (white - black))))).convert("RGB")
+    return scene
+
+
+def _paper_level(grey: Image.Image) -> int:
+    """The luminance nine pixels in ten of a greyscale image stay below: about its paper's white."""
+    histogram = grey.histogram()
+    total, seen = sum(histogram), 0
+    for level, n in enumerate(histogram):
+        seen += n
+        if seen >= 0.9 * total:
+            return level
+    return 255
 
 
 def _lighting(rng: random.Random, size: Size) -> Image.Image:

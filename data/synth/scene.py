@@ -20,6 +20,10 @@ every class; the class then decides only which sheets fill the chosen layout:
                  a hand; class 0 is a document; receipts sometimes lie on a document.
     photo_desk   a photo from further away: one to five sheets and desk clutter, receipts among invoices,
                  letters, cards and notes.
+    crop_scan    zoomed in past the paper's edges, the way receipt scans are often cropped to their print:
+    crop_photo   the sheets are drawn wider than the frame allows, so only a window of them shows (a
+                 receipt's top or middle, part of a page); the paper's width against the frame's is
+                 drawn for every class alike, and a page may lie under the receipts or over another page.
 """
 
 from __future__ import annotations
@@ -33,9 +37,12 @@ from PIL import Image, ImageDraw, ImageOps
 from data.synth.camera import Box, Size, add_clutter, add_hand, paste, photo_finish, scan_finish, surface
 from data.synth.paper import add_staple, render_document, render_receipt, render_small_paper, staple_pair
 
-FRAMINGS = {"tight_scan": 0.25, "page_scan": 0.2, "photo_close": 0.3, "photo_desk": 0.25}
-GREY_SHARE = {"tight_scan": 0.45, "page_scan": 0.35, "photo_close": 0.05, "photo_desk": 0.05}
-MOST_RECEIPTS = {"tight_scan": 3, "page_scan": 12, "photo_close": 4, "photo_desk": 6}
+FRAMINGS = {"tight_scan": 0.2, "crop_scan": 0.12, "page_scan": 0.2, "photo_close": 0.2, "crop_photo": 0.1,
+            "photo_desk": 0.18}
+GREY_SHARE = {"tight_scan": 0.45, "crop_scan": 0.45, "page_scan": 0.35, "photo_close": 0.05, "crop_photo": 0.05,
+              "photo_desk": 0.05}
+MOST_RECEIPTS = {"tight_scan": 3, "crop_scan": 3, "page_scan": 12, "photo_close": 4, "crop_photo": 3,
+                 "photo_desk": 6}
 PHOTO_ASPECTS = ((3 / 4, 5), (1.0, 2), (4 / 3, 2), (9 / 16, 1))  # (width / height, weight)
 
 
@@ -261,8 +268,46 @@ def _photo_desk(rng: random.Random, size: int, count: int, crowd: int, stock: _S
     return scene
 
 
+def _close_crop(rng: random.Random, size: int, count: int, crowd: int, stock: _Stock, photo: bool) -> Image.Image:
+    """Zoomed in past the paper's edges: the sheets are drawn wider than the frame, so only a window of
+    them shows. How wide the paper is against the frame is drawn first, for every class alike; the
+    class then fills that width with a page (0) or receipts (1, 2+, side by side and overlapping); a
+    wider page lies under that paper as often for every class."""
+    w, h = _photo_size(rng, size) if photo else (max(8, round(size * rng.uniform(0.5, 1.0))), size)
+    kind = rng.choice(["wood", "table", "fabric"]) if photo else "scanner_lid"
+    scene = stock.background(rng, kind, (w, h))
+    span = w * rng.uniform(0.75, 1.35)  # the width of the top paper: the page, or the receipts together
+    spread, shadow = (6, 1.0) if photo else (2, rng.uniform(0.2, 0.5))
+    light = (rng.uniform(-1, 1), rng.uniform(0.3, 1))
+    if rng.random() < 0.35:  # a wider page underneath: under the receipts, or under class 0's page
+        _paste_window(rng, scene, _rotate(rng, stock.document(rng, span * rng.uniform(1.0, 1.6)), spread), shadow, light)
+    if count == 0:
+        _paste_window(rng, scene, _rotate(rng, stock.document(rng, span), spread), shadow, light)
+        return scene
+    step = rng.uniform(0.55, 0.95) if count > 1 else 1.0  # below 1: neighbours overlap
+    width = span / (1 + (count - 1) * step)
+    x = (w - span) / 2 + rng.uniform(-0.1, 0.1) * w
+    for _ in range(count):
+        sheet = _rotate(rng, stock.receipt(rng, width * rng.uniform(0.9, 1.1)), spread)
+        _paste_window(rng, scene, sheet, shadow, light, left=x)
+        x += width * step
+    return scene
+
+
+def _paste_window(rng: random.Random, scene: Image.Image, sheet: Image.Image, shadow: float,
+                  light: tuple[float, float], left: float | None = None) -> None:
+    """Paste a sheet at `left` (centred, give or take, when None) so the frame shows a random window of
+    its height: its top, middle or end when it is taller than the frame."""
+    w, h = scene.size
+    left = (w - sheet.width) / 2 + rng.uniform(-0.1, 0.1) * w if left is None else left
+    top = rng.uniform(min(0.0, h - sheet.height), max(0.0, h - sheet.height))
+    paste(rng, scene, sheet, (left, top), shadow, light)
+
+
 LAYOUTS = {"tight_scan": _tight_scan, "page_scan": _page_scan, "photo_close": _photo_close,
-           "photo_desk": _photo_desk}
+           "photo_desk": _photo_desk,
+           "crop_scan": lambda rng, size, count, crowd, stock: _close_crop(rng, size, count, crowd, stock, False),
+           "crop_photo": lambda rng, size, count, crowd, stock: _close_crop(rng, size, count, crowd, stock, True)}
 
 
 # -------------------------------------------------------------------------------------------- sheets
