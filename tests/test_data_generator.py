@@ -147,14 +147,14 @@ def test_a_close_crop_shows_a_window_of_a_sheet_taller_than_the_frame() -> None:
 def test_document_mode_scans_are_grey_with_white_paper(monkeypatch: pytest.MonkeyPatch) -> None:
     page = Image.new("RGB", (64, 96), (236, 232, 225))
     page.paste((120, 110, 100), (10, 20, 50, 24))  # a line of print
-    monkeypatch.setattr(camera, "BILEVEL_SHARE", 1.0)
+    monkeypatch.setattr(camera, "DOCUMENT_MODE_SHARE", 1.0)
     scanned = camera.scan_finish(random.Random(3), page)
     r, g, b = scanned.split()
     assert r.tobytes() == g.tobytes() == b.tobytes()  # black and white, whatever the paper's tint
     grey = scanned.convert("L")
     assert grey.histogram()[255] > 0.9 * (64 * 96 - 40 * 4)  # the paper clipped to pure white
     assert grey.getpixel((30, 22)) < 60  # the print pushed towards black
-    monkeypatch.setattr(camera, "BILEVEL_SHARE", 0.0)
+    monkeypatch.setattr(camera, "DOCUMENT_MODE_SHARE", 0.0)
     assert camera.scan_finish(random.Random(3), page).convert("L").histogram()[255] == 0  # colour scans keep the tint
 
 

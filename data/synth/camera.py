@@ -22,7 +22,7 @@ from PIL import Image, ImageChops, ImageDraw, ImageFilter
 Size = tuple[int, int]  # (width, height), PIL's order
 Box = tuple[float, float, float, float]  # (left, top, right, bottom)
 SURFACES = ("scanner_lid", "scanner_bed", "wood", "table", "fabric")
-BILEVEL_SHARE = 0.15  # of scans: in black-and-white document mode, as office scanners and faxes store forms
+DOCUMENT_MODE_SHARE = 0.15  # of scans: in black-and-white document mode, as office scanners and faxes store forms
 SKIN = ((236, 188, 160), (224, 172, 140), (198, 134, 100), (160, 105, 75), (110, 72, 52))
 
 
@@ -191,7 +191,7 @@ def scan_finish(rng: random.Random, scene: Image.Image) -> Image.Image:
     if rng.random() < 0.5:
         scene = scene.filter(ImageFilter.GaussianBlur(rng.uniform(0.2, 0.6) * max(scene.size) / 448))
     scene = _add_noise(rng, scene, amplitude=rng.randint(1, 4))
-    if rng.random() < BILEVEL_SHARE:
+    if rng.random() < DOCUMENT_MODE_SHARE:
         grey = scene.convert("L")
         white = _paper_level(grey) * rng.uniform(0.85, 0.95)
         black = white * rng.uniform(0.3, 0.6)  # a steep ramp, not a hard cut: small print at this size is grey

@@ -23,11 +23,12 @@ every class; the class then decides only which sheets fill the chosen layout:
     crop_scan    zoomed in past the paper's edges, the way receipt scans are often cropped to their print:
     crop_photo   the sheets are drawn wider than the frame allows, so only a window of them shows (a
                  receipt's top or middle, part of a page); the paper's width against the frame's is
-                 drawn for every class alike, and a page may lie under the receipts or over another page.
+                 drawn for every class alike, and as often for every class a wider page lies under it.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from dataclasses import dataclass
@@ -272,7 +273,8 @@ def _close_crop(rng: random.Random, size: int, count: int, crowd: int, stock: _S
     """Zoomed in past the paper's edges: the sheets are drawn wider than the frame, so only a window of
     them shows. How wide the paper is against the frame is drawn first, for every class alike; the
     class then fills that width with a page (0) or receipts (1, 2+, side by side and overlapping); a
-    wider page lies under that paper as often for every class."""
+    wider page lies under that paper as often for every class. (`crowd` is unused: the paper's width,
+    not a number of sheets, is what every class shares here.)"""
     w, h = _photo_size(rng, size) if photo else (max(8, round(size * rng.uniform(0.5, 1.0))), size)
     kind = rng.choice(["wood", "table", "fabric"]) if photo else "scanner_lid"
     scene = stock.background(rng, kind, (w, h))
@@ -305,9 +307,8 @@ def _paste_window(rng: random.Random, scene: Image.Image, sheet: Image.Image, sh
 
 
 LAYOUTS = {"tight_scan": _tight_scan, "page_scan": _page_scan, "photo_close": _photo_close,
-           "photo_desk": _photo_desk,
-           "crop_scan": lambda rng, size, count, crowd, stock: _close_crop(rng, size, count, crowd, stock, False),
-           "crop_photo": lambda rng, size, count, crowd, stock: _close_crop(rng, size, count, crowd, stock, True)}
+           "photo_desk": _photo_desk, "crop_scan": functools.partial(_close_crop, photo=False),
+           "crop_photo": functools.partial(_close_crop, photo=True)}
 
 
 # -------------------------------------------------------------------------------------------- sheets
