@@ -6,7 +6,8 @@
 Makes what is missing the way a user would (scripts/make_tiny_checkpoints.py: the random start;
 scripts/make_receipts.py: rendered scenes only, with a data seed the demo does not use), trains the
 encoder alone to count receipts (`train.pretrain`), and writes it with `models.pretrained.save_encoder`,
-recording the commands, the hours they took and the per-epoch validation figures in OUT/pretraining.json.
+recording the commands (the data folder keeps its own in DATA/command.txt, so a later run on it
+records the command that made it, not this run's flags), the hours they took and the per-epoch validation figures in OUT/pretraining.json.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from data.dataset import ReceiptDataset  # noqa: E402
 from data.manifest import load_records  # noqa: E402
 from data.transforms import AugmentConfig  # noqa: E402
 from models.encoders.registry import get_encoder_class  # noqa: E402
+from models.files import write_text_atomic  # noqa: E402
 from models.pretrained import save_encoder  # noqa: E402
 from train.pretrain import CountingProbe, PretrainSettings, count_targets, pretrain  # noqa: E402
 
 BASE = ROOT / "checkpoints" / "tiny" / "swin"
 CLASSES = ["0", "1", "2+"]
 MOST = 12  # counts 0 .. 12: the generator's default --max-receipts
+DATA_COMMAND_FILE = "command.txt"
 # The demo's augmentation (config/demo_swin.yaml): count-exact geometry only.
 AUGMENT = AugmentConfig(max_rotation=0, min_crop=1.0, rot90_prob=0.5, brightness=0, contrast=0, saturation=0,
                         blur_prob=0, jpeg_prob=0)
@@ -70,12 +73,18 @@ def main(argv: list[str] | None = None) -> None:
                         help="continue from an encoder this script wrote (its pretraining.json is carried over)")
     args = parser.parse_args(argv)
     python, hours = sys.executable, {}
-    if not (BASE / "config.json").is_file():
-        hours["checkpoints"] = run([python, "scripts/make_tiny_checkpoints.py", "--out", str(BASE.parent), "--seed", "0"])
     data_command = [python, "scripts/make_receipts.py", "--out", str(args.data), "--train", str(args.train),
                     "--val", str(args.val), "--seed", str(args.seed), "--size", "224", "--no-contact-sheet"]
-    if not (args.data / "val" / "metadata.csv").is_file():
+    recorded = args.data / DATA_COMMAND_FILE  # how the folder was made, kept beside it for later runs
+    have_data = (args.data / "val" / "metadata.csv").is_file()
+    if have_data and not recorded.is_file():
+        raise SystemExit(f"{recorded}: missing; this data folder was not written by this script, so its command "
+                         "is unknown (write the make_receipts.py command that made it there)")
+    if not (BASE / "config.json").is_file():
+        hours["checkpoints"] = run([python, "scripts/make_tiny_checkpoints.py", "--out", str(BASE.parent), "--seed", "0"])
+    if not have_data:
         hours["data"] = run(data_command)
+        write_text_atomic(recorded, shlex.join(["python", *data_command[1:]]) + "\n")
     start = args.init or BASE
     encoder = get_encoder_class("swin").build(str(start), {}, (224, 224))
     probe = CountingProbe(encoder, MOST + 1)
@@ -84,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     history = pretrain(probe, *datasets(args.data, encoder), settings, log=lambda row: print(row, flush=True))
     hours["training"] = (time.perf_counter() - started) / 3600
     provenance = {"command": shlex.join(["python", "scripts/pretrain_encoder.py", *(argv or sys.argv[1:])]),
-                  "data_command": shlex.join(["python", *data_command[1:]]),
+                  "data_command": recorded.read_text().strip(),
                   "start": str(args.init) if args.init else "checkpoints/tiny/swin (random, seed 0)",
                   "settings": vars(settings), "torch_threads": torch.get_num_threads(),
                   "hours": {k: round(v, 3) for k, v in hours.items()}, "epochs": history}

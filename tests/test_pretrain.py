@@ -15,6 +15,7 @@ from data.dataset import ReceiptDataset
 from data.manifest import load_records
 from models.encoders.registry import get_encoder_class
 from models.pretrained import save_encoder
+from tests.conftest import load_script
 from train.pretrain import CountingProbe, PretrainSettings, count_targets, pretrain
 
 CLASSES = ["0", "1", "2+"]
@@ -79,3 +80,13 @@ def test_the_committed_encoder_is_small_records_how_it_was_made_and_loads() -> N
     assert provenance["hours"]["training"] > 0 and provenance["epochs"]
     encoder = get_encoder_class("swin").build(str(folder), {}, (224, 224))
     assert encoder.backbone.config.embed_dim == 16 and list(encoder.backbone.config.depths) == [1, 1, 2, 1]
+
+
+def test_the_script_refuses_a_data_folder_whose_command_it_cannot_record(tmp_path: Path) -> None:
+    """A run on a folder it did not write would record its own flags as the data's command: a false
+    provenance for the committed encoder. It stops first, naming the file it needs."""
+    script = load_script("pretrain_encoder")
+    _write_set(tmp_path / "data" / "val", [0, 1])
+    with pytest.raises(SystemExit, match=r"data/command\.txt: missing; this data folder was not written"):
+        script.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
