@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops, ImageDraw, ImageOps
 
 from data.manifest import load_records
-from data.synth import camera
+from data.synth import camera, paper
 from data.synth import scene as scene_module
 from data.synth.scene import FRAMINGS, receipt_count, render_scene
 
@@ -156,6 +156,46 @@ def test_document_mode_scans_are_grey_with_white_paper(monkeypatch: pytest.Monke
     assert grey.getpixel((30, 22)) < 60  # the print pushed towards black
     monkeypatch.setattr(camera, "DOCUMENT_MODE_SHARE", 0.0)
     assert camera.scan_finish(random.Random(3), page).convert("L").histogram()[255] == 0  # colour scans keep the tint
+
+
+@pytest.mark.parametrize("kind", paper.DOCUMENT_KINDS)
+def test_every_document_kind_is_an_a4_page_and_office_papers_are_typed_down_the_page(kind: str) -> None:
+    page = paper._page(random.Random(4), kind)
+    assert page.size == (paper.PAPER_WIDTH_DOC, round(paper.PAPER_WIDTH_DOC * paper.A4_RATIO))
+    assert page.tobytes() == paper._page(random.Random(4), kind).tobytes()  # deterministic for its rng
+    ink = page.convert("L").point(lambda v: 255 if v < 128 else 0)
+    rows = [ink.crop((0, y, page.width, y + 30)).getbbox() is not None for y in range(0, page.height - 30, 30)]
+    if kind == "blank":
+        assert ink.getbbox() is None or sum(rows) <= 2
+    elif kind in ("typed_form", "memo"):  # print from the heading to the last third, as archived forms are
+        assert rows[0] and sum(rows[: 2 * len(rows) // 3]) >= 0.8 * (2 * len(rows) // 3)
+    else:
+        assert sum(rows) >= 3
+
+
+def test_handwriting_stays_in_its_box_and_leaves_ink() -> None:
+    for seed in range(6):
+        sheet = Image.new("L", (200, 60), 255)
+        paper.handwriting(random.Random(seed), ImageDraw.Draw(sheet), (30, 20), width=120, height=16, ink=0)
+        left, top, right, bottom = ImageOps.invert(sheet).getbbox()
+        radius = 16 * 0.3  # the pen's loops reach a radius (and an ascender 1.6 radii) past the word's line
+        assert 30 - radius - 1 <= left and right <= 30 + 120 + 2 * radius + 1
+        assert 20 + 8 - 1.6 * radius - 1 <= top and bottom <= 20 + 8 + 1.6 * radius + 2
+        assert right - left > 40  # more than one short word
+
+
+def test_a_stamp_inks_a_patch_round_its_centre_and_the_print_shows_through() -> None:
+    white = Image.new("RGB", (160, 160), (255, 255, 255))
+    for seed in range(6):
+        sheet = white.copy()
+        sheet.paste((0, 0, 0), (0, 78, 160, 82))  # a line of print across the stamp's place
+        before = sheet.copy()
+        paper.stamp(random.Random(seed), sheet, centre=(80, 80), width=60)
+        left, top, right, bottom = ImageChops.difference(sheet, before).getbbox()
+        reach = 60 * 0.75  # half the stamp's diagonal, turned any way
+        assert 80 - reach <= left and right <= 80 + reach and 80 - reach <= top and bottom <= 80 + reach
+        assert ImageChops.darker(sheet, before).tobytes() == sheet.tobytes()  # ink only darkens
+        assert sheet.crop((0, 78, 160, 82)).getextrema() == ((0, 0),) * 3  # the print is still black
 
 
 def test_rerun_with_fewer_images_leaves_no_stale_files(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Fake text for synthetic paperwork: receipt lines, letters, forms and invoices.
+"""Fake text for synthetic paperwork: receipt lines, letters, forms, memos and invoices.
 
 Every function takes a `random.Random` and returns plain strings, so the pictures drawn from them
 are reproducible for a seed. Names are invented.
@@ -39,6 +39,42 @@ FORM_FIELDS = [
     "Total tax", "Federal income tax withheld", "Estimated tax payments", "Refundable credits",
     "Amount overpaid", "Amount you owe", "Filing status", "Dependents", "Spouse's SSN",
 ]
+
+# Office forms and memos, the typewritten kind archives scan (request, approval and order forms).
+FORM_TITLES = [
+    "RESEARCH PROJECT REQUEST", "PURCHASE REQUISITION", "ADVERTISING PRODUCTION ORDER", "BUDGET APPROVAL",
+    "REQUEST FOR AUTHORIZATION", "MARKETING RESEARCH PROPOSAL", "PRINT ORDER", "CHANGE NOTICE",
+    "SPECIAL PROJECT AUTHORIZATION", "TEST PROGRAM SUMMARY", "MEDIA SCHEDULE", "TRAVEL EXPENSE REPORT",
+    "CONFIDENTIAL", "SAMPLE SHIPMENT REQUEST", "PRODUCT CHANGE REQUEST", "FAX TRANSMITTAL",
+]
+FORM_LABELS = [
+    "DATE", "TO", "FROM", "PROJECT NO.", "REQUESTED BY", "DEPARTMENT", "BUDGET CODE", "APPROVED BY",
+    "BRAND", "QUANTITY", "SUPPLIER", "DELIVERY DATE", "ACCOUNT NO.", "REFERENCE", "DIVISION",
+    "COST CENTER", "TELEPHONE", "SUBJECT", "ESTIMATED COST", "START DATE", "COMPLETION DATE", "REGION",
+    "CONTACT", "PAGES", "CHARGE TO", "VENDOR", "ORDER NO.", "PREPARED BY", "DISTRIBUTION", "REMARKS",
+]
+MEMO_TITLES = ["MEMORANDUM", "INTER-OFFICE MEMORANDUM", "INTEROFFICE CORRESPONDENCE", "M E M O R A N D U M"]
+SURNAMES = ["Smith", "Jones", "Garcia", "Chen", "Okafor", "Novak", "Silva", "Patel", "Brown", "Keller",
+            "Moreau", "Haddad", "Larsen", "Ito", "Walsh", "Romero"]
+STAMP_WORDS = ["RECEIVED", "APPROVED", "PAID", "COPY", "FILED", "CONFIDENTIAL", "ENTERED", "URGENT"]
+
+
+def person(rng: random.Random) -> str:
+    return f"{rng.choice('ABCDEFGHJKLMNPRSTW')}. {rng.choice('ABCDEFGHJKLMNPRSTW')}. {rng.choice(SURNAMES)}"
+
+
+def form_value(rng: random.Random) -> str:
+    """What gets typed after a form's label: a date, a code, an amount, a name or a few words."""
+    kind = rng.choice(["date", "code", "money", "name", "words"])
+    if kind == "date":
+        return date_text(rng)
+    if kind == "code":
+        return f"{rng.randint(10, 999)}-{rng.randint(1000, 99999)}"
+    if kind == "money":
+        return "$" + money(rng, 50, 250000)
+    if kind == "name":
+        return person(rng)
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 4))).upper()
 
 
 def money(rng: random.Random, low: float, high: float) -> str:

@@ -1,4 +1,5 @@
-"""Sheets of paper as RGBA images: till receipts and other paperwork (letters, tax forms, invoices).
+"""Sheets of paper as RGBA images: till receipts and other paperwork (letters, tax forms, invoices,
+typewritten office forms and memos).
 
 Public API:
     render_receipt(rng, width) -> RGBA image `width` pixels wide (length follows its content)
@@ -6,6 +7,7 @@ Public API:
     render_small_paper(rng, width) -> RGBA business card, sticky note or photo print (paper, not a receipt)
     staple_pair(rng, first, second) -> RGBA of two receipts stapled together, overlapping at the top
     add_staple(draw, x, y, length, angle_deg)
+    handwriting(rng, draw, xy, width, height, ink), stamp(rng, sheet, centre, width): what people add by hand
 
 Sheets are drawn at a fixed "paper" resolution, where fonts are legible, then shrunk to the size they
 take in the scene, so the text turns into the grey texture a camera sees. Paper tint, ink fading,
@@ -24,7 +26,8 @@ from PIL import Image, ImageChops, ImageDraw, ImageFont
 from data.synth import content
 
 FONT_ROOT = Path("/usr/share/fonts")
-DOCUMENT_KINDS = ("letter", "tax_form", "invoice", "blank")
+DOCUMENT_KINDS = ("letter", "tax_form", "invoice", "typed_form", "memo", "blank")
+DOCUMENT_WEIGHTS = (3, 3, 3, 4, 2, 1)
 A4_RATIO = 297 / 210
 PAPER_WIDTH_DOC = 320  # px of an A4 page at paper resolution
 POOL_SIZE = 400  # printed receipt texts per pool (and half as many pages)
@@ -88,6 +91,11 @@ def _receipt_text(rng: random.Random) -> Image.Image:
         y += line_h if style != "title" else 0
     if barcode:
         _barcode(rng, draw, margin, y + 8, width - 2 * margin, barcode - 14, ink)
+    if rng.random() < 0.1:  # a note or a tick by hand, as on pages (so pen marks alone never mean "no receipt")
+        handwriting(rng, draw, (margin, rng.uniform(0.2, 0.85) * height), width * rng.uniform(0.3, 0.7),
+                    rng.uniform(12, 20), rng.randint(10, 90), stroke=2)
+    if rng.random() < 0.06:
+        stamp(rng, image, (rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.8) * height), width * rng.uniform(0.4, 0.6))
     return image
 
 
@@ -150,7 +158,7 @@ def render_document(rng: random.Random, width: int, kind: str | None = None, poo
     if pool is not None:
         page = _pooled_page(pool, rng.randrange(POOL_SIZE // 2))
     else:
-        page = _page(rng, kind or rng.choices(DOCUMENT_KINDS, weights=[3, 3, 3, 1])[0])
+        page = _page(rng, kind or rng.choices(DOCUMENT_KINDS, weights=DOCUMENT_WEIGHTS)[0])
     height = round(width * page.height / page.width)
     page = page.resize((width, height), Image.Resampling.BOX)
     if rng.random() < 0.4:
@@ -160,16 +168,35 @@ def render_document(rng: random.Random, width: int, kind: str | None = None, poo
 
 
 def _page(rng: random.Random, kind: str) -> Image.Image:
-    """The printed page at paper resolution."""
+    """The printed page at paper resolution, then what people add by hand: a signature, a note, a stamp,
+    an archive's file number (more often on office forms and memos, as archived paperwork has them)."""
     page = Image.new("RGB", (PAPER_WIDTH_DOC, round(PAPER_WIDTH_DOC * A4_RATIO)), (255, 255, 255))
-    {"letter": _letter, "tax_form": _tax_form, "invoice": _invoice, "blank": _blank}[kind](rng, page)
+    {"letter": _letter, "tax_form": _tax_form, "invoice": _invoice, "typed_form": _typed_form, "memo": _memo,
+     "blank": _blank}[kind](rng, page)
+    if kind == "blank":
+        return page
+    office = kind in ("typed_form", "memo")
+    draw, w, h = ImageDraw.Draw(page), page.width, page.height
+    if rng.random() < (0.6 if office or kind == "letter" else 0.2):  # a signature low on the page
+        handwriting(rng, draw, (rng.uniform(0.1, 0.55) * w, rng.uniform(0.75, 0.9) * h), rng.uniform(0.2, 0.35) * w,
+                    rng.uniform(10, 16), _pen(rng), stroke=rng.choice([1, 2]), words=1)
+    for _ in range(rng.randint(0, 3) if office else 0):  # a note in the margin or between the lines
+        handwriting(rng, draw, (rng.uniform(0.05, 0.6) * w, rng.uniform(0.1, 0.9) * h), rng.uniform(0.15, 0.4) * w,
+                    rng.uniform(6, 10), _pen(rng))
+    if rng.random() < (0.35 if office else 0.1):
+        stamp(rng, page, (rng.uniform(0.35, 0.7) * w, rng.uniform(0.05, 0.4) * h), width=rng.uniform(0.25, 0.4) * w)
+    if rng.random() < (0.5 if office else 0.1):  # an archive's file number, bottom right
+        face = font("DejaVuSansMono", rng.choice([7, 8, 9]))
+        number = str(rng.randint(10**9, 10**10 - 1))
+        draw.text((w - face.getlength(number) - rng.randint(8, 24), h - rng.randint(14, 26)), number, fill=(20, 20, 20),
+                  font=face)
     return page
 
 
 @functools.lru_cache(maxsize=None)
 def _pooled_page(pool: int, index: int) -> Image.Image:
     rng = random.Random(f"{pool}:page:{index}")
-    return _page(rng, rng.choices(DOCUMENT_KINDS, weights=[3, 3, 3, 1])[0])
+    return _page(rng, rng.choices(DOCUMENT_KINDS, weights=DOCUMENT_WEIGHTS)[0])
 
 
 def _letter(rng: random.Random, page: Image.Image) -> None:
@@ -233,6 +260,130 @@ def _invoice(rng: random.Random, page: Image.Image) -> None:
               font=font("DejaVuSans-Bold", 8))
 
 
+def _typed_form(rng: random.Random, page: Image.Image) -> None:
+    """A typewritten office form, as archives scan them: a title, then blocks of label/value fields in one
+    or two columns, ruled tables, check boxes and typed paragraphs filling the page, some values by hand."""
+    draw, w = ImageDraw.Draw(page), page.width
+    ink = (rng.randint(0, 45),) * 3
+    mono = font("DejaVuSansMono", rng.choice([7, 7, 8]))
+    if rng.random() < 0.4:
+        company = rng.choice(content.STORES) + rng.choice([" CORPORATION", " COMPANY", " INC."])
+        _centred(draw, company, 12, w, font("DejaVuSans-Bold", 8), ink)
+    title = rng.choice(content.FORM_TITLES)
+    head = font(rng.choice(["DejaVuSansMono-Bold", "DejaVuSans-Bold"]), rng.choice([9, 10, 11]))
+    left = _centred(draw, title, 26, w, head, ink)
+    if rng.random() < 0.5:
+        draw.line([left, 39, w - left, 39], fill=ink)
+    margin, y = rng.randint(14, 28), 48
+    blocks = {"fields": _form_fields, "table": _form_table, "checks": _form_checks, "text": _form_text}
+    while y < page.height - 60:
+        block = rng.choices(list(blocks), weights=[5, 2, 1, 2])[0]
+        y = blocks[block](rng, draw, margin, y, w - 2 * margin, mono, ink) + rng.randint(4, 14)
+
+
+def _centred(draw: ImageDraw.ImageDraw, text: str, y: float, width: int, face: ImageFont.FreeTypeFont,
+             fill: tuple[int, int, int]) -> float:
+    """Draw `text` centred across `width`; returns its left edge."""
+    left = max(4.0, (width - face.getlength(text)) / 2)
+    draw.text((left, y), text, fill=fill, font=face)
+    return left
+
+
+def _form_fields(rng: random.Random, draw: ImageDraw.ImageDraw, x: int, y: int, width: int,
+                 face: ImageFont.FreeTypeFont, ink: tuple[int, int, int]) -> int:
+    """Rows of LABEL: value, in one or two columns; a value is typed, handwritten or left on its blank line."""
+    columns = rng.choice([1, 2, 2])
+    pitch = face.size + rng.randint(4, 8)
+    col_w = width / columns
+    for _ in range(rng.randint(2, 6)):
+        for c in range(columns):
+            left = x + c * col_w
+            label = rng.choice(content.FORM_LABELS) + ":"
+            draw.text((left, y), label, fill=ink, font=face)
+            start = left + face.getlength(label) + 4
+            end = left + col_w - 8
+            if end - start < 12:
+                continue
+            if rng.random() < 0.5:
+                draw.line([start, y + face.size + 1, end, y + face.size + 1], fill=ink)
+            filled = rng.random()
+            if filled < 0.55:
+                draw.text((start + 2, y), content.form_value(rng)[:int((end - start) / face.getlength("0"))],
+                          fill=ink, font=face)
+            elif filled < 0.8:
+                handwriting(rng, draw, (start + 2, y - 1), (end - start) * rng.uniform(0.4, 0.9), face.size + 2, _pen(rng))
+        y += pitch
+    return y
+
+
+def _form_table(rng: random.Random, draw: ImageDraw.ImageDraw, x: int, y: int, width: int,
+                face: ImageFont.FreeTypeFont, ink: tuple[int, int, int]) -> int:
+    """A ruled table: a header row of labels and rows of typed figures."""
+    cols, rows = rng.randint(3, 6), rng.randint(3, 8)
+    pitch = face.size + rng.randint(4, 7)
+    col_w = width / cols
+    bottom = y + pitch * (rows + 1)
+    draw.rectangle([x, y, x + width, bottom], outline=ink)
+    for c in range(1, cols):
+        draw.line([x + c * col_w, y, x + c * col_w, bottom], fill=ink)
+    chars = max(1, int((col_w - 4) / face.getlength("0")))
+    for c in range(cols):
+        draw.text((x + c * col_w + 2, y + 2), rng.choice(content.FORM_LABELS)[:chars], fill=ink, font=face)
+    for r in range(1, rows + 1):
+        top = y + r * pitch
+        draw.line([x, top, x + width, top], fill=ink)
+        for c in range(cols):
+            if rng.random() < 0.8:
+                draw.text((x + c * col_w + 2, top + 2), content.money(rng, 1, 99999)[:chars], fill=ink, font=face)
+    return bottom
+
+
+def _form_checks(rng: random.Random, draw: ImageDraw.ImageDraw, x: int, y: int, width: int,
+                 face: ImageFont.FreeTypeFont, ink: tuple[int, int, int]) -> int:
+    """A row of check boxes with labels, some ticked."""
+    box = face.size
+    left = x
+    while left < x + width - 60:
+        draw.rectangle([left, y, left + box, y + box], outline=ink)
+        if rng.random() < 0.35:
+            draw.line([left, y, left + box, y + box], fill=ink)
+            draw.line([left, y + box, left + box, y], fill=ink)
+        label = rng.choice(content.FORM_LABELS).title()
+        draw.text((left + box + 3, y), label, fill=ink, font=face)
+        left += box + 3 + face.getlength(label) + rng.randint(8, 20)
+    return y + box + 2
+
+
+def _form_text(rng: random.Random, draw: ImageDraw.ImageDraw, x: int, y: int, width: int,
+               face: ImageFont.FreeTypeFont, ink: tuple[int, int, int]) -> int:
+    """A typed paragraph, single or double spaced."""
+    spacing = face.size + (rng.choice([3, 3, 9]))
+    return _wrapped(draw, " ".join(content.sentence(rng, rng.randint(6, 14)) for _ in range(rng.randint(1, 4))),
+                    x, y, width, face, ink, line_height=spacing)
+
+
+def _memo(rng: random.Random, page: Image.Image) -> None:
+    """A typewritten memo: its heading, TO / FROM / DATE / SUBJECT lines, a rule, typed paragraphs, a cc list."""
+    draw, w = ImageDraw.Draw(page), page.width
+    ink = (rng.randint(0, 45),) * 3
+    mono = font("DejaVuSansMono", rng.choice([7, 8]))
+    _centred(draw, rng.choice(content.MEMO_TITLES), 22, w, font("DejaVuSansMono-Bold", rng.choice([10, 12])), ink)
+    margin, y = rng.randint(18, 30), 50
+    for label, value in [("TO:", content.person(rng)), ("FROM:", content.person(rng)), ("DATE:", content.date_text(rng)),
+                         ("SUBJECT:", content.form_value(rng))]:
+        draw.text((margin, y), label, fill=ink, font=mono)
+        draw.text((margin + 60, y), value, fill=ink, font=mono)
+        y += mono.size + 6
+    draw.line([margin, y + 2, w - margin, y + 2], fill=ink, width=rng.choice([1, 2]))
+    y += 12
+    for paragraph in content.letter_paragraphs(rng):
+        y = _wrapped(draw, paragraph, margin, y, w - 2 * margin, mono, ink, line_height=mono.size + rng.choice([3, 8])) + 8
+        if y > page.height - 80:
+            break
+    draw.text((margin, min(y + 20, page.height - 30)), "cc: " + ", ".join(content.person(rng) for _ in range(rng.randint(1, 3))),
+              fill=ink, font=mono)
+
+
 def _blank(rng: random.Random, page: Image.Image) -> None:
     """A blank page; sometimes with ruled lines, a hole punch margin or a faint header."""
     draw, w = ImageDraw.Draw(page), page.width
@@ -245,18 +396,76 @@ def _blank(rng: random.Random, page: Image.Image) -> None:
 
 
 def _wrapped(draw: ImageDraw.ImageDraw, text: str, x: int, y: int, width: int,
-             face: ImageFont.FreeTypeFont, fill: tuple[int, int, int]) -> int:
+             face: ImageFont.FreeTypeFont, fill: tuple[int, int, int], line_height: int = 11) -> int:
     """Draw `text` wrapped to `width`; returns the y below the last line."""
     line = ""
     for word in text.split():
         trial = f"{line} {word}".strip()
         if face.getlength(trial) > width and line:
             draw.text((x, y), line, fill=fill, font=face)
-            y, line = y + 11, word
+            y, line = y + line_height, word
         else:
             line = trial
     draw.text((x, y), line, fill=fill, font=face)
-    return y + 11
+    return y + line_height
+
+
+# ------------------------------------------------------------------------------------- by hand
+
+def handwriting(rng: random.Random, draw: ImageDraw.ImageDraw, xy: tuple[float, float], width: float,
+                height: float, ink: int | tuple[int, int, int], stroke: int = 1, words: int | None = None) -> None:
+    """Joined-up handwriting too small to read, inside the box at `xy` (top-left), `width` x `height`:
+    words of pen loops (a point turning on a circle while it moves right), some rising into ascenders."""
+    x, top = xy
+    end = x + width
+    radius = height * 0.3
+    for _ in range(words or 99):
+        word = min(end - x, height * rng.uniform(1.5, 5.0))
+        if word < height:
+            break
+        phase, t, points = rng.uniform(0, math.tau), 0.0, []
+        slant = rng.uniform(0.0, 0.35)
+        while t < word:
+            rise = radius * (1.6 if rng.random() < 0.12 else 1.0)
+            dy = rise * math.sin(phase)
+            points.append((x + t + radius * math.cos(phase) + slant * dy, top + height / 2 - dy))
+            phase += rng.uniform(0.8, 1.2)
+            t += height * rng.uniform(0.08, 0.16)
+        if len(points) > 1:
+            draw.line(points, fill=ink, width=stroke)
+        x += word + height * rng.uniform(0.4, 1.0)
+
+
+def stamp(rng: random.Random, sheet: Image.Image, centre: tuple[float, float], width: float) -> None:
+    """An inked rubber stamp centred on `centre`: a box or an oval round a word and a date, turned a little,
+    in one ink colour; ink only darkens the paper (multiplied), so the print under it shows through."""
+    box_w, box_h = max(8, round(width)), max(6, round(width * rng.uniform(0.32, 0.45)))
+    mark = Image.new("L", (box_w, box_h), 0)
+    draw = ImageDraw.Draw(mark)
+    rim = max(1, round(box_h / 14))
+    if rng.random() < 0.3:
+        draw.ellipse([0, 0, box_w - 1, box_h - 1], outline=255, width=rim)
+    else:
+        draw.rectangle([0, 0, box_w - 1, box_h - 1], outline=255, width=rim)
+    word = rng.choice(content.STAMP_WORDS)
+    face = font("DejaVuSans-Bold", max(4, round(box_h * 0.36)))
+    draw.text(((box_w - face.getlength(word)) / 2, box_h * 0.14), word, fill=255, font=face)
+    small = font("DejaVuSans", max(4, round(box_h * 0.22)))
+    date = content.date_text(rng)
+    draw.text(((box_w - small.getlength(date)) / 2, box_h * 0.58), date, fill=255, font=small)
+    mark = mark.rotate(rng.uniform(-25, 25), resample=Image.Resampling.BILINEAR, expand=True)
+    mark = mark.point(lambda v, a=rng.uniform(0.55, 0.9): round(v * a))
+    colour = rng.choice([(150, 30, 40), (30, 50, 150), (90, 40, 120), (40, 40, 40)])
+    ink = colour if sheet.mode == "RGB" else round(sum(colour) / 3)
+    layer = Image.new(sheet.mode, mark.size, (255, 255, 255) if sheet.mode == "RGB" else 255)
+    layer.paste(Image.new(sheet.mode, mark.size, ink), (0, 0), mark)
+    left, top = round(centre[0] - mark.width / 2), round(centre[1] - mark.height / 2)
+    box = (left, top, left + mark.width, top + mark.height)
+    sheet.paste(ImageChops.multiply(sheet.crop(box), layer), box)
+
+
+def _pen(rng: random.Random) -> tuple[int, int, int]:
+    return rng.choice([(25, 35, 110), (20, 20, 30), (40, 40, 40), (10, 30, 80)])
 
 
 def _tri_fold(rng: random.Random, page: Image.Image) -> Image.Image:
