@@ -7,7 +7,8 @@ Makes what is missing the way a user would (scripts/make_tiny_checkpoints.py: th
 scripts/make_receipts.py: rendered scenes only, with a data seed the demo does not use), trains the
 encoder alone to count receipts (`train.pretrain`), and writes it with `models.pretrained.save_encoder`,
 recording the commands (the data folder keeps its own in DATA/command.txt, so a later run on it
-records the command that made it, not this run's flags), the hours they took and the per-epoch validation figures in OUT/pretraining.json.
+records the command that made it, not this run's flags), the hours they took and the per-epoch
+validation figures in OUT/pretraining.json.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{recorded}: missing; this data folder was not written by this script, so its command "
                          "is unknown (write the make_receipts.py command that made it there)")
     if not (BASE / "config.json").is_file():
-        hours["checkpoints"] = run([python, "scripts/make_tiny_checkpoints.py", "--out", str(BASE.parent), "--seed", "0"])
+        hours["checkpoints"] = run([python, "scripts/make_tiny_checkpoints.py", "--out", str(BASE.parent),
+                                    "--seed", "0"])
     if not have_data:
         hours["data"] = run(data_command)
         write_text_atomic(recorded, shlex.join(["python", *data_command[1:]]) + "\n")

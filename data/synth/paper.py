@@ -95,7 +95,8 @@ def _receipt_text(rng: random.Random) -> Image.Image:
         handwriting(rng, draw, (margin, rng.uniform(0.2, 0.85) * height), width * rng.uniform(0.3, 0.7),
                     rng.uniform(12, 20), rng.randint(10, 90), stroke=2)
     if rng.random() < 0.06:
-        stamp(rng, image, (rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.8) * height), width * rng.uniform(0.4, 0.6))
+        centre = (rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.8) * height)
+        stamp(rng, image, centre, width * rng.uniform(0.4, 0.6))
     return image
 
 
@@ -311,7 +312,8 @@ def _form_fields(rng: random.Random, draw: ImageDraw.ImageDraw, x: int, y: int, 
                 draw.text((start + 2, y), content.form_value(rng)[:int((end - start) / face.getlength("0"))],
                           fill=ink, font=face)
             elif filled < 0.8:
-                handwriting(rng, draw, (start + 2, y - 1), (end - start) * rng.uniform(0.4, 0.9), face.size + 2, _pen(rng))
+                handwriting(rng, draw, (start + 2, y - 1), (end - start) * rng.uniform(0.4, 0.9), face.size + 2,
+                            _pen(rng))
         y += pitch
     return y
 
@@ -369,19 +371,21 @@ def _memo(rng: random.Random, page: Image.Image) -> None:
     mono = font("DejaVuSansMono", rng.choice([7, 8]))
     _centred(draw, rng.choice(content.MEMO_TITLES), 22, w, font("DejaVuSansMono-Bold", rng.choice([10, 12])), ink)
     margin, y = rng.randint(18, 30), 50
-    for label, value in [("TO:", content.person(rng)), ("FROM:", content.person(rng)), ("DATE:", content.date_text(rng)),
-                         ("SUBJECT:", content.form_value(rng))]:
+    heading = [("TO:", content.person(rng)), ("FROM:", content.person(rng)), ("DATE:", content.date_text(rng)),
+               ("SUBJECT:", content.form_value(rng))]
+    for label, value in heading:
         draw.text((margin, y), label, fill=ink, font=mono)
         draw.text((margin + 60, y), value, fill=ink, font=mono)
         y += mono.size + 6
     draw.line([margin, y + 2, w - margin, y + 2], fill=ink, width=rng.choice([1, 2]))
     y += 12
     for paragraph in content.letter_paragraphs(rng):
-        y = _wrapped(draw, paragraph, margin, y, w - 2 * margin, mono, ink, line_height=mono.size + rng.choice([3, 8])) + 8
+        spacing = mono.size + rng.choice([3, 8])
+        y = _wrapped(draw, paragraph, margin, y, w - 2 * margin, mono, ink, line_height=spacing) + 8
         if y > page.height - 80:
             break
-    draw.text((margin, min(y + 20, page.height - 30)), "cc: " + ", ".join(content.person(rng) for _ in range(rng.randint(1, 3))),
-              fill=ink, font=mono)
+    copies = ", ".join(content.person(rng) for _ in range(rng.randint(1, 3)))
+    draw.text((margin, min(y + 20, page.height - 30)), "cc: " + copies, fill=ink, font=mono)
 
 
 def _blank(rng: random.Random, page: Image.Image) -> None:
