@@ -359,7 +359,7 @@ def _form_checks(rng: random.Random, draw: ImageDraw.ImageDraw, x: int, y: int, 
 def _form_text(rng: random.Random, draw: ImageDraw.ImageDraw, x: int, y: int, width: int,
                face: ImageFont.FreeTypeFont, ink: tuple[int, int, int]) -> int:
     """A typed paragraph, single or double spaced."""
-    spacing = face.size + (rng.choice([3, 3, 9]))
+    spacing = face.size + rng.choice([3, 3, 9])
     return _wrapped(draw, " ".join(content.sentence(rng, rng.randint(6, 14)) for _ in range(rng.randint(1, 4))),
                     x, y, width, face, ink, line_height=spacing)
 
@@ -418,8 +418,9 @@ def _wrapped(draw: ImageDraw.ImageDraw, text: str, x: int, y: int, width: int,
 
 def handwriting(rng: random.Random, draw: ImageDraw.ImageDraw, xy: tuple[float, float], width: float,
                 height: float, ink: int | tuple[int, int, int], stroke: int = 1, words: int | None = None) -> None:
-    """Joined-up handwriting too small to read, inside the box at `xy` (top-left), `width` x `height`:
-    words of pen loops (a point turning on a circle while it moves right), some rising into ascenders."""
+    """Joined-up handwriting too small to read, along the box at `xy` (top-left), `width` x `height`:
+    words of pen loops (a point turning on a circle while it moves right), some rising into ascenders;
+    a loop may reach past the box by its radius (0.3 x `height`, an ascender 0.48 x)."""
     x, top = xy
     end = x + width
     radius = height * 0.3
