@@ -5,6 +5,12 @@ Timing (`alternate_timings`, `median_seconds`, `seconds_per_call`, `ForwardTimer
 order flipped every repeat (so a slow spell of a shared machine hits all of them), medians reported;
 on CUDA the device is synchronised around every timed call.
 
+Fresh processes (`json_from_child`): a CPU process's allocator state (glibc's dynamic mmap threshold
+and heap trimming decide whether a large tensor is page-faulted in afresh), address-space layout and
+caches move its timings by several per cent, and they stay put for the life of the process, so
+repeats inside one process never average them out. As pyperf does, a benchmark samples them by
+timing in several fresh processes and reporting the median over processes.
+
 FLOPs (`count_flops`): `torch.utils.flop_counter.FlopCounterMode`, 2 per multiply-add, with CPU fused
 attention counted too (torch counts only the CUDA kernels).
 
@@ -22,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -69,6 +77,21 @@ def alternate_timings(steps: dict[str, Callable[[], Any]], repeats: int, warmup:
             synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def json_from_child(command: Sequence[str], env: dict[str, str] | None = None) -> Any:
+    """Run `command` in a fresh process and return the JSON value on the last line of its stdout.
+
+    Raises:
+        RuntimeError: the process failed or printed no JSON; the message has its exit status and
+            the last line of its stderr.
+    """
+    done = subprocess.run(list(command), capture_output=True, text=True, env=env)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{' '.join(command)}: exit status {done.returncode}: {last}")
+    return json.loads(lines[-1])
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device | None = None) -> float:

@@ -5,8 +5,13 @@ Prints a Markdown table. Not a test: it measures, it does not fail on a slow mac
 Method:
 - both models are built from one seeded random transformers model (the in-house one through
   `from_transformers`), float32, `torch.set_num_threads(--threads)`, drop path off;
-- timings alternate the two models in one process (the order flips every repeat) after warm-up and
-  report the median of `--repeats`; eval runs under `torch.no_grad()` for both;
+- each case is timed in `--processes` fresh child processes: a child builds both models, warms
+  them up and alternates them (the order flips every repeat), printing each model's median of
+  `--repeats`; the table gives each model's median over the children and the median of the
+  children's speed-ups (each child's transformers time over its in-house time), with their range.
+  A process's allocator state and memory layout move a timing by several per cent and stay put for
+  its whole life, so repeats in one process cannot average them out (models/measure.py); eval runs
+  under `torch.no_grad()` for both;
 - a train step is zero_grad + forward + mean-square loss of `last_hidden_state` + backward;
 - peak memory of a train step is the growth of the process's peak resident set (VmHWM, reset through
   /proc/self/clear_refs) over its resident set just before the step, measured in a fresh child process
@@ -17,8 +22,8 @@ Method:
   machine's float32 matmul rate is the median of 2048x2048 GEMMs on the same threads.
 
 Usage:
-    python scripts/benchmark_swinv2.py                 # full: batch 8, 15 repeats, 3 memory children
-    python scripts/benchmark_swinv2.py --repeats 3 --memory-repeats 1 --cases eval_w8
+    python scripts/benchmark_swinv2.py                 # full: batch 8, 5 processes x 5 repeats, 3 memory children
+    python scripts/benchmark_swinv2.py --processes 1 --repeats 3 --memory-repeats 1 --cases eval_w8
     python scripts/benchmark_swinv2.py --backends --device cuda --dtype bfloat16   # the GPU check
     python scripts/benchmark_swinv2.py --chunk-mib 16 24 32 none    # the CPU sub-batch sweep
 """
@@ -32,7 +37,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +48,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.measure import MALLOC_PIN_ENV, alternate_timings, count_flops, matmul_gflops, peak_memory_mib  # noqa: E402
+from models.measure import (MALLOC_PIN_ENV, alternate_timings, count_flops, json_from_child,  # noqa: E402
+                            matmul_gflops, peak_memory_mib)
 from models.swinv2 import from_transformers  # noqa: E402
 
 TINY_SHAPE = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], image_size=256)
@@ -111,11 +116,28 @@ def memory_child(impl: str, window: int, batch: int, threads: int) -> None:
 
 
 def peak_memory(impl: str, window: int, batch: int, threads: int) -> float:
-    env = {**os.environ, **MALLOC_PIN_ENV}
-    out = subprocess.run([sys.executable, __file__, "--memory-child", impl, "--window", str(window),
-                          "--batch", str(batch), "--threads", str(threads)],
-                         check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+    command = [sys.executable, __file__, "--memory-child", impl, "--window", str(window),
+               "--batch", str(batch), "--threads", str(threads)]
+    return json_from_child(command, env={**os.environ, **MALLOC_PIN_ENV})["peak_mib"]
+
+
+# -- timing of one case, in a fresh child process --------------------------------------------------
+
+def timing_child(case: str, batch: int, threads: int, repeats: int, warmup: int) -> None:
+    """Print both models' median seconds for `case` as JSON; run as a separate process."""
+    torch.set_num_threads(threads)
+    mode, window = CASES[case].mode, CASES[case].window
+    hf, ours = build_models(window)
+    x = torch.randn(batch, 3, 256, 256)
+    steps = {"transformers": make_step(hf, x, mode), "inhouse": make_step(ours, x, mode)}
+    print(json.dumps(alternate_timings(steps, repeats, warmup)))
+
+
+def timings(case: str, args: argparse.Namespace) -> list[dict[str, float]]:
+    """Per fresh child process, {"transformers": s, "inhouse": s} for `case`."""
+    command = [sys.executable, __file__, "--timing-child", case, "--batch", str(args.batch),
+               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    return [json_from_child(command) for _ in range(args.processes)]
 
 
 # -- SDPA backends on a GPU ---------------------------------------------------------------------------
@@ -237,16 +259,18 @@ def print_chunk_table(args: argparse.Namespace) -> None:
 
 # -- report --------------------------------------------------------------------------------------------
 
-def run_case(case: Case, args: argparse.Namespace, peak: float) -> list[str]:
-    hf, ours = build_models(case.window)
-    x = torch.randn(args.batch, 3, 256, 256)
-    steps = {"transformers": make_step(hf, x, case.mode), "inhouse": make_step(ours, x, case.mode)}
-    flops = count_flops(steps["transformers"])
-    t = alternate_timings(steps, args.repeats, args.warmup)
-    speedup = t["transformers"] / t["inhouse"]
+def run_case(name: str, args: argparse.Namespace, peak: float) -> list[str]:
+    case = CASES[name]
+    hf, _ = build_models(case.window)
+    flops = count_flops(make_step(hf, torch.randn(args.batch, 3, 256, 256), case.mode))
+    del hf
+    runs = timings(name, args)
+    t = {impl: statistics.median(run[impl] for run in runs) for impl in ("transformers", "inhouse")}
+    speedups = sorted(run["transformers"] / run["inhouse"] for run in runs)
+    speedup = statistics.median(speedups)
     gflops = {k: flops / v / 1e9 for k, v in t.items()}
     rows = [f"| {case.name} | {t['transformers']:.3f} | {t['inhouse']:.3f} | **{speedup:.3f}x** | "
-            f">= {case.target}x | {'yes' if speedup >= case.target else 'NO'} | "
+            f"{speedups[0]:.2f}-{speedups[-1]:.2f}x | >= {case.target}x | {'yes' if speedup >= case.target else 'NO'} | "
             f"{gflops['transformers']:.1f} / {gflops['inhouse']:.1f} | "
             f"{100 * gflops['transformers'] / peak:.0f}% / {100 * gflops['inhouse'] / peak:.0f}% |"]
     if case.mode == "train" and args.memory_repeats > 0:
@@ -255,14 +279,16 @@ def run_case(case: Case, args: argparse.Namespace, peak: float) -> list[str]:
                for impl in ("transformers", "inhouse")}
         ratio = mem["inhouse"] / mem["transformers"]
         rows.append(f"| ↳ peak RSS growth of that train step (MiB) | {mem['transformers']:.0f} | "
-                    f"{mem['inhouse']:.0f} | {ratio:.2f}x | <= 1.0x | {'yes' if ratio <= 1.0 else 'NO'} | | |")
+                    f"{mem['inhouse']:.0f} | {ratio:.2f}x | | <= 1.0x | {'yes' if ratio <= 1.0 else 'NO'} | | |")
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=15, help="timed repeats per model (median)")
+    parser.add_argument("--processes", type=int, default=5,
+                        help="fresh child processes per case (median over them)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per model in each process (median)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-repeats", type=int, default=3, help="child processes per model; 0 skips")
@@ -278,10 +304,14 @@ def main() -> None:
                         help="instead: eval and train times of the in-house model at each sub-batch size "
                              "(SwinV2Config.chunk_mib; 'none' = whole batches), against transformers")
     parser.add_argument("--memory-child", choices=["transformers", "inhouse"], help=argparse.SUPPRESS)
+    parser.add_argument("--timing-child", choices=sorted(CASES), help=argparse.SUPPRESS)
     parser.add_argument("--window", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.window, args.batch, args.threads)
+        return
+    if args.timing_child:
+        timing_child(args.timing_child, args.batch, args.threads, args.repeats, args.warmup)
         return
 
     torch.set_num_threads(args.threads)
@@ -293,13 +323,13 @@ def main() -> None:
         return
     peak = matmul_gflops(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, float32, swinv2-tiny shape "
-          f"(embed 96, depths 2-2-6-2, heads 3-6-12-24), batch {args.batch}, median of {args.repeats}, "
-          f"measured float32 matmul: {peak:.1f} GFLOP/s\n")
-    print("| case | transformers (s) | in-house (s) | speed-up | target | met | GFLOP/s (hf / in-house) "
-          "| of matmul peak |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"(embed 96, depths 2-2-6-2, heads 3-6-12-24), batch {args.batch}, {args.processes} fresh processes "
+          f"x median of {args.repeats} repeats, measured float32 matmul: {peak:.1f} GFLOP/s\n")
+    print("| case | transformers (s) | in-house (s) | speed-up | per-process range | target | met "
+          "| GFLOP/s (hf / in-house) | of matmul peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name in args.cases:
-        for row in run_case(CASES[name], args, peak):
+        for row in run_case(name, args, peak):
             print(row, flush=True)
 
 

@@ -239,6 +239,32 @@ def test_swinv2_backend_table_runs_each_backend_and_matches_the_eager_output() -
     assert float(by_name[("train", "in-house, SDPA math")][2]) > 0
 
 
+def test_swinv2_speedups_are_the_median_over_fresh_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each case is timed in --processes child processes (never in the parent), and the row's
+    speed-up is the median of the children's own speed-ups, printed with their range."""
+    swinv2_bench = load_script("benchmark_swinv2")
+    children: list[dict[str, float]] = []
+    real = swinv2_bench.json_from_child
+
+    def spy(command: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+        assert "--timing-child" in command and command[command.index("--timing-child") + 1] == "eval_w8"
+        children.append(real(command, env))
+        return children[-1]
+
+    monkeypatch.setattr(swinv2_bench, "json_from_child", spy)
+    args = argparse.Namespace(batch=1, threads=1, repeats=1, warmup=0, processes=2, memory_repeats=0)
+    threads = torch.get_num_threads()
+    try:
+        rows = swinv2_bench.run_case("eval_w8", args, peak=100.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(children) == 2 and all(set(c) == {"transformers", "inhouse"} for c in children)
+    speedups = sorted(c["transformers"] / c["inhouse"] for c in children)
+    cells = rows[0].split(" | ")
+    assert cells[3] == f"**{(speedups[0] + speedups[1]) / 2:.3f}x**"
+    assert cells[4] == f"{speedups[0]:.2f}-{speedups[1]:.2f}x"
+
+
 def test_swinv2_chunk_sweep_runs_each_sub_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """The --chunk-mib sweep times one variant per size, and each variant really runs its stages on
     sub-batches of that size (stage 0 of this shape holds 1/16 MiB of MLP activation per image)."""

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -28,6 +29,18 @@ def test_median_seconds_and_seconds_per_call_time_every_call() -> None:
     assert measure.median_seconds(lambda: seen.append(0), repeats=5) >= 0 and len(seen) == 5
     seconds = measure.seconds_per_call(seen.append, [1, 2, 3])
     assert len(seconds) == 3 and seen[-3:] == [1, 2, 3]
+
+
+def test_json_from_child_reads_the_last_line_of_a_fresh_process() -> None:
+    script = "import json, os; print('a log line'); print(json.dumps({'pid': os.getpid()}))"
+    out = measure.json_from_child([sys.executable, "-c", script])
+    assert isinstance(out["pid"], int) and out["pid"] != os.getpid()
+
+
+def test_json_from_child_names_the_exit_status_and_the_last_error_line() -> None:
+    script = "import sys; sys.stderr.write('first\\nwhat went wrong\\n'); sys.exit(3)"
+    with pytest.raises(RuntimeError, match="exit status 3: what went wrong$"):
+        measure.json_from_child([sys.executable, "-c", script])
 
 
 def test_percentile_of_one_and_of_many() -> None:
