@@ -25,13 +25,12 @@ Usage:
     python scripts/benchmark_swinv2.py                 # full: batch 8, 5 processes x 5 repeats, 3 memory children
     python scripts/benchmark_swinv2.py --processes 1 --repeats 3 --memory-repeats 1 --cases eval_w8
     python scripts/benchmark_swinv2.py --backends --device cuda --dtype bfloat16   # the GPU check
-    python scripts/benchmark_swinv2.py --chunk-mib 16 24 32 none    # the CPU sub-batch sweep
+    python scripts/benchmark_swinv2.py --chunk-mib 12 16 24 none    # the CPU sub-batch sweep (fresh processes too)
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -72,13 +71,15 @@ CASES = {
 }
 
 
-def build_models(window: int, seed: int = 0, shape: dict | None = None) -> tuple[nn.Module, nn.Module]:
-    """(transformers Swinv2Model, in-house model) with identical random weights (`TINY_SHAPE` unless `shape`)."""
+def build_models(window: int, seed: int = 0, shape: dict | None = None,
+                 chunk_mib: float | str | None = "auto") -> tuple[nn.Module, nn.Module]:
+    """(transformers Swinv2Model, in-house model) with identical random weights (`TINY_SHAPE` unless
+    `shape`); `chunk_mib` is the in-house model's sub-batch size (`SwinV2Config.chunk_mib`)."""
     from transformers import Swinv2Config, Swinv2Model
 
     torch.manual_seed(seed)
     hf = Swinv2Model(Swinv2Config(window_size=window, drop_path_rate=0.0, **(shape or TINY_SHAPE)))
-    return hf, from_transformers(hf)
+    return hf, from_transformers(hf, chunk_mib=chunk_mib)
 
 
 def make_step(model: nn.Module, x: torch.Tensor, mode: str) -> Callable[[], None]:
@@ -121,23 +122,31 @@ def peak_memory(impl: str, window: int, batch: int, threads: int) -> float:
     return json_from_child(command, env={**os.environ, **MALLOC_PIN_ENV})["peak_mib"]
 
 
-# -- timing of one case, in a fresh child process --------------------------------------------------
+# -- timing of one case, in fresh child processes ---------------------------------------------------
 
-def timing_child(case: str, batch: int, threads: int, repeats: int, warmup: int) -> None:
+def timing_child(case: str, batch: int, threads: int, repeats: int, warmup: int,
+                 chunk_mib: float | str | None = "auto") -> None:
     """Print both models' median seconds for `case` as JSON; run as a separate process."""
     torch.set_num_threads(threads)
     mode, window = CASES[case].mode, CASES[case].window
-    hf, ours = build_models(window)
+    hf, ours = build_models(window, chunk_mib=chunk_mib)
     x = torch.randn(batch, 3, 256, 256)
     steps = {"transformers": make_step(hf, x, mode), "inhouse": make_step(ours, x, mode)}
     print(json.dumps(alternate_timings(steps, repeats, warmup)))
 
 
-def timings(case: str, args: argparse.Namespace) -> list[dict[str, float]]:
-    """Per fresh child process, {"transformers": s, "inhouse": s} for `case`."""
-    command = [sys.executable, __file__, "--timing-child", case, "--batch", str(args.batch),
-               "--threads", str(args.threads), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
-    return [json_from_child(command) for _ in range(args.processes)]
+def time_in_child(case: str, args: argparse.Namespace, chunk_mib: float | str | None = "auto") -> dict[str, float]:
+    """{"transformers": s, "inhouse": s} for `case`, timed in one fresh child process."""
+    command = [sys.executable, __file__, "--timing-child", case, "--child-chunk-mib", str(chunk_mib).lower(),
+               "--batch", str(args.batch), "--threads", str(args.threads), "--repeats", str(args.repeats),
+               "--warmup", str(args.warmup)]
+    return json_from_child(command)
+
+
+def speedup_summary(runs: list[dict[str, float]]) -> tuple[float, float, float]:
+    """(median, lowest, highest) of the children's own speed-ups (transformers time / in-house time)."""
+    speedups = sorted(run["transformers"] / run["inhouse"] for run in runs)
+    return statistics.median(speedups), speedups[0], speedups[-1]
 
 
 # -- SDPA backends on a GPU ---------------------------------------------------------------------------
@@ -216,22 +225,20 @@ def backend_rows(device: str, dtype: torch.dtype, window: int, batch: int, repea
 
 # -- sub-batch sweep -----------------------------------------------------------------------------------
 
-def chunk_rows(mode: str, window: int, sizes: list[float | None], batch: int, repeats: int, warmup: int,
-               shape: dict | None = None) -> list[str]:
+def chunk_rows(case: str, sizes: list[float | None], args: argparse.Namespace) -> list[str]:
     """One row per `chunk_mib` value: the in-house model's median time and its speed-up over
-    transformers, every variant alternating with the others and with transformers in one process."""
-    hf, ours = build_models(window, shape=shape)
-    side = (shape or TINY_SHAPE)["image_size"]
-    x = torch.randn(batch, 3, side, side)
-    steps = {"transformers": make_step(hf, x, mode)}
+    transformers (median over `args.processes` fresh children per size, with their range). The sizes
+    take turns child by child, so a slow spell of the machine hits each of them."""
+    runs: dict[float | None, list[dict[str, float]]] = {mib: [] for mib in sizes}
+    for _ in range(args.processes):
+        for mib in sizes:
+            runs[mib].append(time_in_child(case, args, chunk_mib=mib))
+    rows = []
     for mib in sizes:
-        variant = copy.deepcopy(ours)
-        for stage in variant.layers:
-            stage.chunk_mib = mib
-        steps[str(mib)] = make_step(variant, x, mode)
-    t = alternate_timings(steps, repeats, warmup)
-    return [f"| {mode}, window {window} | {name} | {t[name]:.3f} | {t['transformers'] / t[name]:.3f}x |"
-            for name in steps if name != "transformers"]
+        median, low, high = speedup_summary(runs[mib])
+        inhouse = statistics.median(run["inhouse"] for run in runs[mib])
+        rows.append(f"| {CASES[case].name} | {mib} | {inhouse:.3f} | **{median:.3f}x** | {low:.2f}-{high:.2f}x |")
+    return rows
 
 
 def chunk_size(text: str) -> float | None:
@@ -247,13 +254,18 @@ def chunk_size(text: str) -> float | None:
     return mib
 
 
+def child_chunk(text: str) -> float | str | None:
+    """The child's `chunk_mib`: "auto", "none" or a positive number of MiB."""
+    return "auto" if text == "auto" else chunk_size(text)
+
+
 def print_chunk_table(args: argparse.Namespace) -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, float32, swinv2-tiny shape, batch {args.batch}, "
-          f"median of {args.repeats}; chunk_mib None = no sub-batches\n")
-    print("| case | chunk_mib | in-house (s) | speed-up over transformers |")
-    print("|---|---|---|---|")
-    for mode, window in (("eval", 8), ("train", 8)):
-        for row in chunk_rows(mode, window, args.chunk_mib, args.batch, args.repeats, args.warmup):
+          f"{args.processes} fresh processes per size x median of {args.repeats}; chunk_mib None = no sub-batches\n")
+    print("| case | chunk_mib | in-house (s) | speed-up over transformers | per-process range |")
+    print("|---|---|---|---|---|")
+    for case in ("eval_w8", "train_w8"):
+        for row in chunk_rows(case, args.chunk_mib, args):
             print(row, flush=True)
 
 
@@ -264,13 +276,12 @@ def run_case(name: str, args: argparse.Namespace, peak: float) -> list[str]:
     hf, _ = build_models(case.window)
     flops = count_flops(make_step(hf, torch.randn(args.batch, 3, 256, 256), case.mode))
     del hf
-    runs = timings(name, args)
+    runs = [time_in_child(name, args) for _ in range(args.processes)]
     t = {impl: statistics.median(run[impl] for run in runs) for impl in ("transformers", "inhouse")}
-    speedups = sorted(run["transformers"] / run["inhouse"] for run in runs)
-    speedup = statistics.median(speedups)
+    speedup, low, high = speedup_summary(runs)
     gflops = {k: flops / v / 1e9 for k, v in t.items()}
     rows = [f"| {case.name} | {t['transformers']:.3f} | {t['inhouse']:.3f} | **{speedup:.3f}x** | "
-            f"{speedups[0]:.2f}-{speedups[-1]:.2f}x | >= {case.target}x | {'yes' if speedup >= case.target else 'NO'} | "
+            f"{low:.2f}-{high:.2f}x | >= {case.target}x | {'yes' if speedup >= case.target else 'NO'} | "
             f"{gflops['transformers']:.1f} / {gflops['inhouse']:.1f} | "
             f"{100 * gflops['transformers'] / peak:.0f}% / {100 * gflops['inhouse'] / peak:.0f}% |"]
     if case.mode == "train" and args.memory_repeats > 0:
@@ -302,16 +313,18 @@ def main() -> None:
                         help="dtype of the --backends table")
     parser.add_argument("--chunk-mib", nargs="+", metavar="MIB", type=chunk_size,
                         help="instead: eval and train times of the in-house model at each sub-batch size "
-                             "(SwinV2Config.chunk_mib; 'none' = whole batches), against transformers")
+                             "(SwinV2Config.chunk_mib; 'none' = whole batches), against transformers, "
+                             "--processes fresh children per size")
     parser.add_argument("--memory-child", choices=["transformers", "inhouse"], help=argparse.SUPPRESS)
     parser.add_argument("--timing-child", choices=sorted(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--child-chunk-mib", type=child_chunk, default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--window", type=int, default=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         memory_child(args.memory_child, args.window, args.batch, args.threads)
         return
     if args.timing_child:
-        timing_child(args.timing_child, args.batch, args.threads, args.repeats, args.warmup)
+        timing_child(args.timing_child, args.batch, args.threads, args.repeats, args.warmup, args.child_chunk_mib)
         return
 
     torch.set_num_threads(args.threads)

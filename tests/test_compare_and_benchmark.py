@@ -265,9 +265,9 @@ def test_swinv2_speedups_are_the_median_over_fresh_processes(monkeypatch: pytest
     assert cells[4] == f"{speedups[0]:.2f}-{speedups[1]:.2f}x"
 
 
-def test_swinv2_chunk_sweep_runs_each_sub_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The --chunk-mib sweep times one variant per size, and each variant really runs its stages on
-    sub-batches of that size (stage 0 of this shape holds 1/16 MiB of MLP activation per image)."""
+def test_swinv2_benchmark_models_run_the_sub_batch_size_they_are_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a timing child builds for each --chunk-mib size really runs its stages on sub-batches of
+    that size (stage 0 of this shape holds 1/16 MiB of MLP activation per image)."""
     from models.swinv2.model import SwinV2Stage
 
     swinv2_bench = load_script("benchmark_swinv2")
@@ -275,10 +275,35 @@ def test_swinv2_chunk_sweep_runs_each_sub_batch_size(monkeypatch: pytest.MonkeyP
     forward = SwinV2Stage._forward
     monkeypatch.setattr(SwinV2Stage, "_forward", lambda self, x, masks: seen.append(x.shape[0]) or forward(self, x, masks))
     shape = dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], image_size=64)
-    rows = swinv2_bench.chunk_rows("eval", 8, [1 / 16, None], batch=2, repeats=1, warmup=0, shape=shape)
-    assert [r.split(" | ")[1] for r in rows] == ["0.0625", "None"]
-    assert all(r.endswith("x |") and float(r.split(" | ")[2]) > 0 for r in rows)
-    assert 1 in seen and 2 in seen  # one image per sub-batch at 1/16 MiB, the whole batch with None
+    x = torch.randn(2, 3, 64, 64)
+    for mib, expected in ((1 / 16, 1), (None, 2)):
+        seen.clear()
+        _, ours = swinv2_bench.build_models(8, shape=shape, chunk_mib=mib)
+        swinv2_bench.make_step(ours, x, "eval")()
+        assert seen[0] == expected, (mib, seen)
+
+
+def test_swinv2_chunk_sweep_times_each_size_in_its_own_fresh_processes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep runs one child per size and process, the sizes taking turns, and each row reports
+    that size's children."""
+    swinv2_bench = load_script("benchmark_swinv2")
+    commands: list[list[str]] = []
+
+    def fake_child(command: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+        commands.append(command)
+        size = command[command.index("--child-chunk-mib") + 1]
+        return {"transformers": 1.0, "inhouse": {"0.0625": 0.5, "none": 0.8}[size] * len(commands)}
+
+    monkeypatch.setattr(swinv2_bench, "json_from_child", fake_child)
+    args = argparse.Namespace(batch=1, threads=1, repeats=1, warmup=0, processes=2)
+    rows = swinv2_bench.chunk_rows("eval_w8", [1 / 16, None], args)
+    sizes = [c[c.index("--child-chunk-mib") + 1] for c in commands]
+    assert sizes == ["0.0625", "none", "0.0625", "none"]
+    assert all(c[c.index("--timing-child") + 1] == "eval_w8" for c in commands)
+    # 1/16 MiB: in-house 0.5 and 1.5 s (speed-ups 2 and 2/3); none: 1.6 and 3.2 s (0.625 and 0.3125)
+    assert rows[0].split(" | ")[1:] == ["0.0625", "1.000", f"**{(2 + 2 / 3) / 2:.3f}x**", "0.67-2.00x |"]
+    assert rows[1].split(" | ")[1:] == ["None", "2.400", f"**{(0.625 + 0.3125) / 2:.3f}x**", "0.31-0.62x |"]
+    assert swinv2_bench.child_chunk("auto") == "auto" and swinv2_bench.child_chunk("none") is None
 
 
 def test_swinv2_chunk_sweep_refuses_a_size_that_is_not_positive() -> None:
