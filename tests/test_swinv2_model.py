@@ -181,7 +181,7 @@ def test_chunk_mib_must_be_positive() -> None:
 def test_sub_batches_default_to_cpu_only() -> None:
     """`chunk_mib="auto"` (the default) sub-batches on CPU only; a number or None applies everywhere."""
     assert SwinV2Config().chunk_mib == "auto"
-    assert sub_batch_mib("auto", torch.device("cpu")) == CPU_CHUNK_MIB == 24.0
+    assert sub_batch_mib("auto", torch.device("cpu")) == CPU_CHUNK_MIB == 16.0
     assert sub_batch_mib("auto", torch.device("cuda")) is None
     assert sub_batch_mib("auto", torch.device("mps")) is None
     assert sub_batch_mib(8.0, torch.device("cuda")) == 8.0

@@ -8,7 +8,7 @@ layers in this model's module names. `hf_config_dict()` is the transformers `Swi
 exported models stay loadable by either adapter.
 
 One key of `model.vision.config` is this model's own, not a `Swinv2Config` field: `chunk_mib`, the
-sub-batch size (`SwinV2Config.chunk_mib`: "auto" = 24 MiB on CPU and whole batches on accelerators,
+sub-batch size (`SwinV2Config.chunk_mib`: "auto" = 16 MiB on CPU and whole batches on accelerators,
 a number of MiB on every device, or null for never). It is a run-time setting: not saved in
 `hf_config_dict()`, so an export runs with "auto" unless its config sets it again.
 """

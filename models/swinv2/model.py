@@ -56,7 +56,7 @@ LOGIT_SCALE_MAX = math.log(1.0 / 0.01)
 # LayerNorms that transformers builds without `layer_norm_eps` (patch embedding, patch merging).
 DEFAULT_LN_EPS = 1e-5
 # Sub-batch size of `chunk_mib="auto"` on CPU, measured (docs/benchmarks.md); accelerators run whole batches.
-CPU_CHUNK_MIB = 24.0
+CPU_CHUNK_MIB = 16.0
 
 _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU,
