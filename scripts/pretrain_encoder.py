@@ -2,6 +2,7 @@
 
     python scripts/pretrain_encoder.py [--out models/pretrained/receipt-swin-tiny] [--data datasets/pretrain]
         [--train 24000] [--val 600] [--seed 7] [--epochs 10] [--batch-size 32] [--lr 5e-4] [--init DIR]
+        [--depths N N N N]
 
 Makes what is missing the way a user would (scripts/make_tiny_checkpoints.py: the random start;
 scripts/make_receipts.py: rendered scenes only, with a data seed the demo does not use), trains the
@@ -32,7 +33,7 @@ from data.transforms import AugmentConfig  # noqa: E402
 from models.encoders.registry import get_encoder_class  # noqa: E402
 from models.files import write_text_atomic  # noqa: E402
 from models.pretrained import save_encoder  # noqa: E402
-from train.pretrain import CountingProbe, PretrainSettings, count_targets, pretrain  # noqa: E402
+from train.pretrain import CountingProbe, PretrainSettings, count_targets, deepen, pretrain  # noqa: E402
 
 BASE = ROOT / "checkpoints" / "tiny" / "swin"
 CLASSES = ["0", "1", "2+"]
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=PretrainSettings.lr)
     parser.add_argument("--init", type=Path, default=None,
                         help="continue from an encoder this script wrote (its pretraining.json is carried over)")
+    parser.add_argument("--depths", type=int, nargs="+", default=None,
+                        help="first deepen the starting encoder to this many blocks per stage (new blocks start as "
+                             "the identity, so it keeps what it learned; train.pretrain.deepen)")
     args = parser.parse_args(argv)
     python, hours = sys.executable, {}
     data_command = [python, "scripts/make_receipts.py", "--out", str(args.data), "--train", str(args.train),
@@ -89,6 +93,9 @@ def main(argv: list[str] | None = None) -> None:
         write_text_atomic(recorded, shlex.join(["python", *data_command[1:]]) + "\n")
     start = args.init or BASE
     encoder = get_encoder_class("swin").build(str(start), {}, (224, 224))
+    depths = list(encoder.backbone.config.depths)
+    if args.depths:
+        encoder = deepen(encoder, args.depths)
     probe = CountingProbe(encoder, MOST + 1)
     settings = PretrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     started = time.perf_counter()
@@ -97,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     provenance = {"command": shlex.join(["python", "scripts/pretrain_encoder.py", *(argv or sys.argv[1:])]),
                   "data_command": recorded.read_text().strip(),
                   "start": str(args.init) if args.init else "checkpoints/tiny/swin (random, seed 0)",
+                  "depths": {"start": depths, "trained": list(encoder.backbone.config.depths)},
                   "settings": vars(settings), "torch_threads": torch.get_num_threads(),
                   "hours": {k: round(v, 3) for k, v in hours.items()}, "epochs": history}
     if args.init:  # the runs before this one, oldest first

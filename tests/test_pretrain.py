@@ -16,7 +16,7 @@ from data.manifest import load_records
 from models.encoders.registry import get_encoder_class
 from models.pretrained import save_encoder
 from tests.conftest import load_script
-from train.pretrain import CountingProbe, PretrainSettings, count_targets, pretrain
+from train.pretrain import CountingProbe, PretrainSettings, count_targets, deepen, pretrain
 
 CLASSES = ["0", "1", "2+"]
 
@@ -70,6 +70,29 @@ def test_pretraining_trains_every_parameter_and_saves_a_loadable_encoder(tiny_ch
         assert torch.allclose(reloaded(pixels).tokens, encoder(pixels).tokens, atol=1e-6)
 
 
+def test_deepen_appends_identity_blocks_that_then_learn(tiny_checkpoints) -> None:
+    """A deepened encoder gives the same tokens as the one it came from, with more blocks per stage; its new
+    blocks get gradient (through their zeroed output projections first) and the old weights are kept."""
+    encoder = get_encoder_class("swin").build(str(tiny_checkpoints["swin"]), {}, (224, 224)).eval()
+    old = list(encoder.backbone.config.depths)
+    depths = [d + extra for d, extra in zip(old, [1, 2] + [0] * (len(old) - 2))]
+    deeper = deepen(encoder, depths)
+    assert [len(stage.blocks) for stage in deeper.backbone.encoder.layers] == depths
+    assert not deeper.training
+    pixels = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(deeper(pixels).tokens, encoder(pixels).tokens, atol=1e-5)
+    kept = encoder.backbone.state_dict()
+    assert all(torch.equal(value, kept[name]) for name, value in deeper.backbone.state_dict().items() if name in kept)
+    new = deeper.backbone.encoder.layers[1].blocks[old[1]]
+    deeper(pixels).tokens.square().mean().backward()
+    assert new.attention.o_proj.weight.grad.abs().sum() > 0 and new.mlp.fc2.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match=r"depths \[1\]: need 4 stages"):
+        deepen(encoder, [1])
+    with pytest.raises(ValueError, match=r"at least \[1, 1, 2, 1\] blocks"):
+        deepen(encoder, [0, 3, 2, 1])
+
+
 def test_the_committed_encoder_is_small_records_how_it_was_made_and_loads() -> None:
     """models/pretrained/receipt-swin-tiny, the demo's starting point: at most 5 MB, its provenance kept,
     loadable by the swin adapter like any hub folder, and the tiny architecture the demo was sized for."""
@@ -79,7 +102,10 @@ def test_the_committed_encoder_is_small_records_how_it_was_made_and_loads() -> N
     assert provenance["command"].startswith("python scripts/pretrain_encoder.py")
     assert provenance["hours"]["training"] > 0 and provenance["epochs"]
     encoder = get_encoder_class("swin").build(str(folder), {}, (224, 224))
-    assert encoder.backbone.config.embed_dim == 16 and list(encoder.backbone.config.depths) == [1, 1, 2, 1]
+    # the tiny width, deepened from 1-1-2-1 in its eighth run (train.pretrain.deepen)
+    assert encoder.backbone.config.embed_dim == 16 and list(encoder.backbone.config.depths) == [1, 1, 4, 2]
+    runs = provenance.get("earlier_runs", []) + [provenance]
+    assert {"start": [1, 1, 2, 1], "trained": [1, 1, 4, 2]} in [run.get("depths") for run in runs]
 
 
 def test_the_script_refuses_a_data_folder_whose_command_it_cannot_record(tmp_path: Path) -> None:

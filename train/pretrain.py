@@ -4,6 +4,7 @@ Public API:
     CountingProbe(encoder, num_counts)       -- encoder -> mean pool -> LayerNorm -> Linear -> count logits
     count_targets(manifest, records, most)   -- per record: its manifest's `receipt_count`, capped at `most`
     pretrain(probe, train, val, settings, log) -> list of per-epoch metrics
+    deepen(encoder, depths) -> a deeper copy of a Swin-family encoder that computes the same function
 
 Why not the whole receipt counter: its fusion gates start closed (tanh(0) = 0), so a random encoder
 gets no gradient until the gates open, and on scenes where only the receipts tell the classes apart,
@@ -66,6 +67,44 @@ def count_targets(manifest: str | os.PathLike[str], records: list[Record], most:
         return [min(counts[str(Path(r.path).resolve())], most) for r in records]
     except KeyError as missing:
         raise ValueError(f"{path}: no row for {missing}") from None
+
+
+def deepen(encoder: VisionEncoder, depths: list[int]) -> VisionEncoder:
+    """A copy of a `swin` encoder (transformers' SwinModel) with more blocks per stage, computing the same function.
+
+    Each stage keeps its blocks where they were (so their shifted / unshifted windows stay as trained) and
+    gets new ones appended. A new block's two residual branches end in zeroed projections (attention
+    `o_proj`, MLP `fc2`), so it starts as the identity and the deeper encoder gives the same tokens; training
+    then grows the new blocks from there (the way zero-initialised residual branches start a deep net).
+
+    Only the pre-norm `swin` blocks: a Swin V2 block normalises its branch after it, so zeroed projections
+    would leave the norm's bias behind.
+
+    Raises:
+        ValueError: not a `swin` encoder; `depths` has another number of stages, or fewer blocks than the
+            encoder has somewhere.
+    """
+    if encoder.name != "swin":
+        raise ValueError(f"deepen: encoder {encoder.name!r}; only 'swin' (pre-norm blocks) can be deepened")
+    old = list(encoder.backbone.config.depths)
+    if len(depths) != len(old) or any(new < have for new, have in zip(depths, old)):
+        raise ValueError(f"depths {list(depths)}: need {len(old)} stages with at least {old} blocks")
+    config = encoder.backbone.config.to_dict() | {"depths": list(depths), "num_layers": len(depths)}
+    deeper = type(encoder).from_config_dict(config, encoder.preprocessing)
+    deeper.train(encoder.training)
+    missing, unexpected = deeper.backbone.load_state_dict(encoder.backbone.state_dict(), strict=False)
+    new_blocks = {f"encoder.layers.{stage}.blocks.{block}." for stage, (have, new) in enumerate(zip(old, depths))
+                  for block in range(have, new)}
+    if unexpected or any(not any(key.startswith(prefix) for prefix in new_blocks) for key in missing):
+        raise ValueError(f"{type(encoder.backbone).__name__}: unexpected layout (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")
+    with torch.no_grad():
+        for stage, (have, new) in enumerate(zip(old, depths)):
+            for block in deeper.backbone.encoder.layers[stage].blocks[have:new]:
+                for projection in (block.attention.o_proj, block.mlp.fc2):
+                    projection.weight.zero_()
+                    projection.bias.zero_()
+    return deeper
 
 
 @dataclass(frozen=True)
