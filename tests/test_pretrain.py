@@ -91,6 +91,9 @@ def test_deepen_appends_identity_blocks_that_then_learn(tiny_checkpoints) -> Non
         deepen(encoder, [1])
     with pytest.raises(ValueError, match=r"at least \[1, 1, 2, 1\] blocks"):
         deepen(encoder, [0, 3, 2, 1])
+    swinv2 = get_encoder_class("swinv2").build(str(tiny_checkpoints["swinv2"]), {}, (224, 224))
+    with pytest.raises(ValueError, match=r"encoder 'swinv2'; only 'swin' \(pre-norm blocks\) can be deepened"):
+        deepen(swinv2, [2, 2])
 
 
 def test_the_committed_encoder_is_small_records_how_it_was_made_and_loads() -> None:

@@ -4,7 +4,7 @@ Public API:
     CountingProbe(encoder, num_counts)       -- encoder -> mean pool -> LayerNorm -> Linear -> count logits
     count_targets(manifest, records, most)   -- per record: its manifest's `receipt_count`, capped at `most`
     pretrain(probe, train, val, settings, log) -> list of per-epoch metrics
-    deepen(encoder, depths) -> a deeper copy of a Swin-family encoder that computes the same function
+    deepen(encoder, depths) -> a deeper copy of a `swin` encoder that computes the same function
 
 Why not the whole receipt counter: its fusion gates start closed (tanh(0) = 0), so a random encoder
 gets no gradient until the gates open, and on scenes where only the receipts tell the classes apart,
